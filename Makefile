@@ -1,0 +1,27 @@
+# Two commands: `make demo` installs and runs the workflow on config.yaml; `make test` installs and runs the tests.
+PYTHON ?= python3.11
+VENV ?= .venv
+CORES ?= 2
+BIN := $(VENV)/bin
+
+.PHONY: install demo test report clean
+
+$(BIN)/sparsitytrap: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch and torchvision are pinned as a pair in pyproject.toml (see README, Installation)
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+install: $(BIN)/sparsitytrap
+
+demo: install
+	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --report report.html
+
+test: install
+	bash tests/slurm/install.sh
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf results .snakemake report.html

@@ -1,0 +1,125 @@
+"""Load and check config.yaml: the JSON schema, then what a schema cannot say.
+
+Every fault is reported on one line that names the config key (and the file) and the fault.
+"""
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .errors import InputError
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _key(path):
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _fill_defaults(schema, value):
+    """Fill `default`s of object properties (recursively), as snakemake's validate does."""
+    if not isinstance(value, dict):
+        return
+    for name, sub in schema.get("properties", {}).items():
+        if name not in value and "default" in sub:
+            value[name] = copy.deepcopy(sub["default"])
+        if name in value:
+            _fill_defaults(sub, value[name])
+
+
+def validate(config, source="config.yaml", schema_path=SCHEMA):
+    """Validate against the schema (filling defaults), then check cross-references and paths."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        raise InputError(f"{source}: {_key(err.absolute_path)}", err.message)
+    _fill_defaults(schema, config)
+    _check_references(config, source)
+    return config
+
+
+def _check_references(config, source):
+    for sid, sample in config["samples"].items():
+        if "path" in sample and not Path(sample["path"]).is_dir():
+            raise InputError(f"{source}: samples.{sid}.path", f"folder {sample['path']!r} does not exist")
+    if config["encoder"] not in config["encoders"]:
+        raise InputError(f"{source}: encoder", f"{config['encoder']!r} is not one of encoders {sorted(config['encoders'])}")
+    models = config["models"]
+    for i, comp in enumerate(config.get("comparisons", [])):
+        for side in ("a", "b"):
+            if comp[side] not in models:
+                raise InputError(f"{source}: comparisons[{i}].{side}", f"model {comp[side]!r} is not declared under models")
+    for cell, name in config.get("factorial", {}).items():
+        if name not in models:
+            raise InputError(f"{source}: factorial.{cell}", f"model {name!r} is not declared under models")
+    ms = config.get("figures", {}).get("multiscale_model")
+    if ms and ms not in models:
+        raise InputError(f"{source}: figures.multiscale_model", f"model {ms!r} is not declared under models")
+    folds = config.get("folds", "loo")
+    if folds != "loo":
+        for sid in folds:
+            if sid not in config["samples"]:
+                raise InputError(f"{source}: folds", f"test sample {sid!r} is not declared under samples")
+    if folds == "loo" and len(config["samples"]) < 2:
+        raise InputError(f"{source}: folds", "leave-one-patient-out needs at least two samples")
+    gs = config["genes"]["samples"]
+    if gs != "all":
+        for sid in gs:
+            if sid not in config["samples"]:
+                raise InputError(f"{source}: genes.samples", f"sample {sid!r} is not declared under samples")
+    if config["genes"]["method"] == "panel" and not config["genes"].get("panel"):
+        raise InputError(f"{source}: genes.panel", "method 'panel' needs a panel file")
+    for key in ("panel", "categories"):
+        p = config["genes"].get(key)
+        if p and not Path(p).is_file():
+            raise InputError(f"{source}: genes.{key}", f"file {p!r} does not exist")
+
+
+def load(path):
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "config file does not exist")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(path, f"not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise InputError(path, "must be a mapping of keys to values")
+    return validate(config, source=str(path))
+
+
+def fold_names(config):
+    """Folds are named by their test sample: test-P1, test-P2, ..."""
+    samples = list(config["samples"])
+    tests = samples if config.get("folds", "loo") == "loo" else list(config["folds"])
+    return [f"test-{s}" for s in tests]
+
+
+def fold_samples(config, fold):
+    """(train samples, test sample) of a fold name."""
+    test = fold.removeprefix("test-")
+    if test not in config["samples"]:
+        raise InputError("fold", f"{fold!r} names no declared sample")
+    return [s for s in config["samples"] if s != test], test
+
+
+def model_config(config, name):
+    """One model's resolved settings: training defaults overridden by the model's own keys."""
+    if name not in config["models"]:
+        raise InputError("config models", f"model {name!r} is not declared")
+    model = copy.deepcopy(config["models"][name])
+    training = copy.deepcopy(config.get("training", {}))
+    for k, v in model.pop("training", {}).items():
+        training[k] = {**training.get(k, {}), **v} if isinstance(v, dict) else v
+    widths = {**config.get("decoders", {}).get(model["decoder"], {}), **model.pop("decoder_kwargs", {})}
+    return {"name": name, "decoder": model["decoder"], "decoder_kwargs": widths, "loss": model["loss"], "training": training}
+
+
+def encoder_config(config, name=None):
+    name = name or config["encoder"]
+    return {"name": name, **config["encoders"][name]}

@@ -1,0 +1,121 @@
+"""Gene selection: which genes the models predict, in which channel order.
+
+The statistics are computed over the in-tissue 2 um bins of the chosen samples, straight from
+the sparse tables (never densified). The order of `genes.csv` is the channel order of every
+later array; no later stage re-derives it.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import InputError
+from .io import write_csv
+
+METHODS = ("variance", "hvg", "panel")
+TABLE = "square_002um"
+
+
+def read_bin_table(sdata_zarr, table=TABLE):
+    """The in-tissue bins of one table of an ingested SpatialData store, as AnnData (CSR)."""
+    import spatialdata
+
+    sdata = spatialdata.read_zarr(sdata_zarr, selection=("tables",))
+    if table not in sdata.tables:
+        raise InputError(sdata_zarr, f"no table {table!r} (found {sorted(sdata.tables)})")
+    adata = sdata.tables[table]
+    keep = np.asarray(adata.obs["in_tissue"]).astype(bool)
+    adata = adata[keep]
+    adata.X = sp.csr_matrix(adata.X)
+    return adata
+
+
+def count_moments(X):
+    """Per-gene n, sum, sum of squares and non-zero count of a sparse bins x genes matrix."""
+    X = sp.csc_matrix(X, dtype=np.float64)
+    return {
+        "n": X.shape[0],
+        "sum": np.asarray(X.sum(axis=0)).ravel(),
+        "sumsq": np.asarray(X.multiply(X).sum(axis=0)).ravel(),
+        "nnz": np.diff(X.indptr),
+    }
+
+
+def statistics(moments):
+    """Mean, variance (population) and zero fraction per gene from summed moments."""
+    n = moments["n"]
+    mean = moments["sum"] / n
+    var = moments["sumsq"] / n - mean**2
+    return pd.DataFrame({"mean": mean, "variance": np.maximum(var, 0.0), "zero_fraction": 1 - moments["nnz"] / n})
+
+
+def read_categories(path):
+    """gene -> category from a TSV with columns gene, category (more columns are ignored)."""
+    df = pd.read_csv(path, sep="\t")
+    if not {"gene", "category"} <= set(df.columns):
+        raise InputError(path, "needs tab-separated columns 'gene' and 'category'")
+    return dict(zip(df["gene"], df["category"]))
+
+
+def read_panel(path):
+    """One gene per line; blank lines and '#' comments ignored."""
+    lines = Path(path).read_text().splitlines()
+    genes = [g.strip() for g in lines if g.strip() and not g.lstrip().startswith("#")]
+    if not genes:
+        raise InputError(path, "gene panel is empty")
+    return genes
+
+
+def _hvg_order(adatas, n_genes):
+    import anndata as ad
+    import scanpy as sc
+
+    adata = ad.concat(adatas, label="sample", index_unique="-")
+    sc.pp.highly_variable_genes(adata, n_top_genes=n_genes, flavor="seurat_v3", batch_key="sample" if len(adatas) > 1 else None)
+    var = adata.var.sort_values("highly_variable_rank")
+    return list(var.index[var["highly_variable"]])[:n_genes]
+
+
+def select_genes(sdata_zarrs, out_csv, *, method="variance", n_genes=50, categories=None, panel=None):
+    """Choose genes and write `out_csv` (gene, rank, mean, variance, zero_fraction, category).
+
+    method: ``variance`` ranks genes by the variance of raw counts over in-tissue bins (the
+    seeds' choice, dominated by highly expressed genes); ``hvg`` uses scanpy's seurat_v3
+    highly-variable genes on raw counts; ``panel`` keeps the genes of a user file, in its order.
+    """
+    if method not in METHODS:
+        raise InputError("config genes.method", f"unknown method {method!r}; use one of {METHODS}")
+    adatas = [read_bin_table(p) for p in sdata_zarrs]
+    names = list(adatas[0].var_names)
+    for path, a in zip(sdata_zarrs[1:], adatas[1:]):
+        if list(a.var_names) != names:
+            raise InputError(path, "its genes differ from the first sample's; samples must share one feature list")
+    total = None
+    for a in adatas:
+        m = count_moments(a.X)
+        total = m if total is None else {k: total[k] + m[k] for k in m}
+    stats = statistics(total)
+    stats.insert(0, "gene", names)
+
+    if method == "variance":
+        chosen = list(stats.sort_values("variance", ascending=False, kind="stable")["gene"][:n_genes])
+    elif method == "hvg":
+        chosen = _hvg_order(adatas, n_genes)
+    else:
+        if panel is None:
+            raise InputError("config genes.panel", "method 'panel' needs a panel file")
+        chosen = read_panel(panel)
+        missing = [g for g in chosen if g not in set(names)]
+        if missing:
+            raise InputError(panel, f"{len(missing)} panel genes are not in the data, e.g. {missing[0]!r}")
+    if len(chosen) < n_genes and method != "panel":
+        raise InputError("config genes.n_genes", f"asks for {n_genes} genes but only {len(chosen)} are available")
+
+    cats = read_categories(categories) if categories else {}
+    table = stats.set_index("gene").loc[chosen].reset_index()
+    table.insert(1, "rank", np.arange(1, len(table) + 1))
+    table["category"] = [cats.get(g, "Other") for g in table["gene"]]
+    write_csv(table, out_csv)
+    return table

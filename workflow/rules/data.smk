@@ -1,0 +1,89 @@
+# Data stages: simulate (the embedded cohort) -> ingest -> select_genes -> tile.
+
+
+rule simulate:
+    output:
+        outs=directory(f"{R}/simulated/{{sample}}/outs"),
+        truth=directory(f"{R}/simulated/{{sample}}/truth.zarr"),
+        params=f"{R}/simulated/{{sample}}/params.json",
+    params:
+        sim=simulation_params,
+    log:
+        f"{R}/logs/simulate/{{sample}}.log",
+    group:
+        "sample_prep"
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    conda:
+        "../../envs/sparsitytrap.yaml"
+    script:
+        "../scripts/simulate.py"
+
+
+rule ingest:
+    input:
+        spaceranger_dir,
+    output:
+        directory(f"{R}/sdata/{{sample}}.zarr"),
+    params:
+        dataset_id=lambda wc: config["samples"][wc.sample].get("dataset_id", wc.sample),
+        fullres_image=lambda wc: config["samples"][wc.sample].get("fullres_image"),
+    log:
+        f"{R}/logs/ingest/{{sample}}.log",
+    group:
+        "sample_prep"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/sparsitytrap.yaml"
+    script:
+        "../scripts/ingest.py"
+
+
+rule select_genes:
+    input:
+        sdata=expand(f"{R}/sdata/{{sample}}.zarr", sample=gene_samples()),
+        categories=config["genes"]["categories"] or [],
+        panel=config["genes"]["panel"] or [],
+    output:
+        report(
+            f"{R}/genes/genes.csv",
+            caption="../report/genes.rst",
+            category="Data",
+        ),
+    params:
+        method=config["genes"]["method"],
+        n_genes=config["genes"]["n_genes"],
+    log:
+        f"{R}/logs/select_genes.log",
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    conda:
+        "../../envs/sparsitytrap.yaml"
+    script:
+        "../scripts/select_genes.py"
+
+
+rule tile:
+    input:
+        sdata=f"{R}/sdata/{{sample}}.zarr",
+        genes=f"{R}/genes/genes.csv",
+    output:
+        directory(f"{R}/tiles/{{sample}}.zarr"),
+    params:
+        dataset_id=lambda wc: config["samples"][wc.sample].get("dataset_id", wc.sample),
+        **config["tiles"],
+    log:
+        f"{R}/logs/tile/{{sample}}.log",
+    group:
+        "sample_tiles"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/sparsitytrap.yaml"
+    script:
+        "../scripts/tile.py"
