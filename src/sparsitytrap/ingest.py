@@ -1,0 +1,210 @@
+"""Validate a Space Ranger Visium HD folder, read it with spatialdata-io, write SpatialData zarr.
+
+The reader (``spatialdata_io.visium_hd``) fails on bad folders with bare assertions or
+KeyErrors deep inside; :func:`validate_spaceranger` checks every requirement first and names
+the file and the fault. It reads only what it needs (parquet schema and columns, HDF5 barcodes,
+JSON, image headers), so it stays cheap on 10 million bins.
+"""
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import InputError
+from .io import atomic_path
+from .spaceranger import MATRIX_FILE, POSITION_COLUMNS, POSITIONS_FILE, SCALEFACTORS_FILE, bin_folder
+
+TILE_UM = 256.0  # the smallest usable image holds one tile
+IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".png", ".jpg", ".jpeg")
+
+
+def validate_spaceranger(path, dataset_id):
+    """Check a Space Ranger Visium HD ``outs`` folder before reading it.
+
+    Parameters
+    ----------
+    path
+        The ``outs`` folder.
+    dataset_id
+        Sample id: the feature slice file is ``{dataset_id}_feature_slice.h5`` (or unprefixed).
+
+    Returns
+    -------
+    pathlib.Path
+        The full-resolution image file.
+
+    Raises
+    ------
+    InputError
+        Naming the first bad file and its fault.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "not a folder (expected a Space Ranger 'outs' folder)")
+    _check_feature_slice(path, dataset_id)
+    binned = path / "binned_outputs"
+    if not binned.is_dir():
+        archive = path / "binned_outputs.tar.gz"
+        if archive.exists():
+            raise InputError(archive, f"binned outputs are still archived: run 'tar -xzf {archive.name}' in {path}")
+        raise InputError(binned, "missing folder")
+    folders = sorted(p for p in binned.iterdir() if p.is_dir() and p.name.startswith("square_"))
+    if bin_folder(2) not in [p.name for p in folders]:
+        raise InputError(binned / bin_folder(2), "missing folder (the 2 um bins are required)")
+    mpp = {folder.name: _check_bins(folder) for folder in folders}[bin_folder(2)]
+    image = find_fullres_image(path, dataset_id)
+    _check_image(image, mpp)
+    return image
+
+
+def _check_feature_slice(path, dataset_id):
+    candidates = [path / f"{dataset_id}_feature_slice.h5", path / "feature_slice.h5"]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise InputError(candidates[0], "missing (neither it nor feature_slice.h5 is in the folder)")
+    try:
+        with h5py.File(found[0], "r") as f:
+            metadata = json.loads(f.attrs["metadata_json"])
+        layout = json.loads(metadata["hd_layout_json"])
+        layout["file_format"]
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise InputError(found[0], f"no readable metadata_json/hd_layout_json/file_format ({err})") from None
+
+
+def _check_bins(folder):
+    """Check one ``square_XXXum`` folder; returns its microns per pixel."""
+    matrix, spatial = folder / MATRIX_FILE, folder / "spatial"
+    positions, factors_file = spatial / POSITIONS_FILE, spatial / SCALEFACTORS_FILE
+    for needed in (matrix, positions, factors_file):
+        if not needed.is_file():
+            raise InputError(needed, "missing file")
+    mpp = _check_scalefactors(factors_file, int(re.search(r"\d{3}", folder.name).group()))
+    try:
+        columns = pq.read_schema(positions).names
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(positions, f"not a readable parquet file ({err})") from None
+    if columns != POSITION_COLUMNS:
+        raise InputError(positions, f"columns {columns}; expected exactly, in this order: {POSITION_COLUMNS}")
+    table = pq.read_table(positions, columns=["barcode", "in_tissue"])
+    if not pc.any(pc.greater(table["in_tissue"], 0)).as_py():
+        raise InputError(positions, "no bin is in tissue (in_tissue is 0 everywhere)")
+    codes = _matrix_barcodes(matrix)
+    if len(codes) == 0:
+        raise InputError(matrix, "no barcodes (no tissue bins)")
+    missing = pc.invert(pc.is_in(codes, value_set=table["barcode"].combine_chunks()))
+    n_missing = pc.sum(missing).as_py()
+    if n_missing:
+        example = pc.filter(codes, missing)[0].as_py()
+        raise InputError(matrix, f"{n_missing} barcodes are not in {positions.name}, e.g. {example!r}")
+    return mpp
+
+
+def _check_scalefactors(path, bin_um):
+    try:
+        factors = json.loads(path.read_text())
+        size, diameter, mpp = (float(factors[k]) for k in ("bin_size_um", "spot_diameter_fullres", "microns_per_pixel"))
+        float(factors["tissue_hires_scalef"]), float(factors["tissue_lowres_scalef"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(path, f"unreadable or incomplete scale factors ({err!r})") from None
+    if size != bin_um:
+        raise InputError(path, f"bin_size_um is {size} but the folder is for {bin_um} um bins")
+    if diameter <= 0 or not np.isclose(size / diameter, mpp):
+        raise InputError(
+            path, f"microns_per_pixel {mpp} != bin_size_um / spot_diameter_fullres = {size}/{diameter}"
+        )
+    return mpp
+
+
+def _matrix_barcodes(path):
+    try:
+        with h5py.File(path, "r") as f:
+            codes = f["matrix/barcodes"][:]
+    except (OSError, KeyError) as err:
+        raise InputError(path, f"not a 10x HDF5 v3 matrix with /matrix/barcodes ({err})") from None
+    return pa.array(codes.astype(object) if codes.dtype.kind != "S" else codes, type=pa.binary()).cast(pa.string())
+
+
+def find_fullres_image(path, dataset_id):
+    """The full-resolution image of a Space Ranger folder, as the reader would look for it.
+
+    Searched in order: ``microscope_image/*``, ``{dataset_id}_tissue_image.*``, ``tissue_image.*``.
+    """
+    path = Path(path)
+    candidates = sorted((path / "microscope_image").glob("*")) if (path / "microscope_image").is_dir() else []
+    for prefix in (f"{dataset_id}_", ""):
+        candidates += sorted(path.glob(f"{prefix}tissue_image.*"))
+    candidates = [p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not candidates:
+        raise InputError(path / f"{dataset_id}_tissue_image.tif", "missing full-resolution image")
+    return candidates[0]
+
+
+def image_shape(path):
+    """(height, width, channels) of an image file, decoding one tile or strip to prove it is readable."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff", ".btf"):
+            import tifffile
+            import zarr
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape
+                array = zarr.open(tif.series[0].aszarr(), mode="r")
+                array = array["0"] if isinstance(array, zarr.Group) else array  # pyramidal TIFF
+                np.asarray(array[:16, :16])  # decodes one tile or strip only
+        else:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                img.load()
+                shape = (img.height, img.width, len(img.getbands()))
+    except Exception as err:  # any decoder failure means the same to the user: unreadable
+        raise InputError(path, f"cannot decode the image ({type(err).__name__}: {err})") from None
+    return tuple(int(s) for s in shape)
+
+
+def _check_image(path, microns_per_pixel):
+    shape = image_shape(path)
+    if len(shape) != 3 or shape[-1] != 3:
+        raise InputError(path, f"expected an RGB image (height, width, 3), found shape {shape}")
+    min_px = int(np.ceil(TILE_UM / microns_per_pixel))
+    if min(shape[:2]) < min_px:
+        raise InputError(
+            path, f"image {shape[0]}x{shape[1]} px is smaller than one {TILE_UM:g} um tile ({min_px} px)"
+        )
+
+
+def ingest(path, dataset_id, out_zarr):
+    """Validate a Space Ranger folder, read it with spatialdata-io and write SpatialData zarr.
+
+    Parameters
+    ----------
+    path
+        Space Ranger ``outs`` folder.
+    dataset_id
+        Sample id (names the SpatialData elements).
+    out_zarr
+        Output store (written atomically).
+    """
+    from spatialdata_io import visium_hd
+
+    image = validate_spaceranger(path, dataset_id)
+    with warnings.catch_warnings():
+        # The reader warns about optional files (CytAssist image, segmentations) we never use.
+        warnings.filterwarnings("ignore", message=".*cytassist.*", category=UserWarning)
+        sdata = visium_hd(
+            path,
+            dataset_id=dataset_id,
+            load_segmentations_only=False,
+            fullres_image_file=image,
+        )
+    with atomic_path(out_zarr) as tmp:
+        sdata.write(tmp)
+    return Path(out_zarr)

@@ -1,0 +1,113 @@
+"""Streamed evaluation on tiny synthetic tile and prediction stores."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from sparsitytrap.errors import InputError
+from sparsitytrap.evaluate import evaluate, pearson_from_sums
+
+GENES = ["PIGR", "ACTB", "CD74"]  # deliberately not alphabetical
+TB = 16  # bins per tile side (divisible by 4 for 8 um pooling, >= 7 for SSIM)
+
+
+def smooth_rates(rng, n_tiles, n_genes=len(GENES), tb=TB):
+    """Independent smooth random fields per (tile, gene), mean levels differing by gene."""
+    base = rng.gamma(2.0, 1.0, size=(n_tiles, n_genes, tb // 4, tb // 4))
+    field = np.kron(base, np.ones((4, 4)))  # blocks of 4 x 4 bins: structure at 8 um
+    level = np.array([4.0, 1.0, 0.3])[:n_genes]
+    return (field * level[None, :, None, None]).astype(np.float32)
+
+
+def write_tiles(path, counts, mask, grid, genes=GENES):
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    t = counts.shape[0]
+    g.attrs.update(sample="PX", genes=list(genes), tile_bins=TB, bin_um=2.0, grid_shape=[int(grid[:, 0].max()) + 1, int(grid[:, 1].max()) + 1])
+    g.create_array("counts", data=counts.astype(np.int32), chunks=(1, *counts.shape[1:]))
+    g.create_array("mask", data=mask, chunks=(1, TB, TB))
+    g.create_array("grid", data=grid.astype(np.int32))
+    g.create_array("bin_origin", data=(grid * TB).astype(np.int32))
+    g.create_array("images", data=np.zeros((t, 8, 8, 3), np.uint8))
+    return path
+
+
+def write_pred(path, rates):
+    arr = zarr.create_array(str(path), data=rates.astype(np.float16), chunks=(1, *rates.shape[1:]))
+    arr.attrs["genes"] = list(GENES)
+    return path
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    """8 tiles on a 3 x 3 grid with one hole; a tissue mask with a few off-tissue bins."""
+    rng = np.random.default_rng(0)
+    grid = np.array([(r, c) for r in range(3) for c in range(3)])[[0, 1, 2, 3, 5, 6, 7, 8]]
+    rates = smooth_rates(rng, len(grid))
+    counts = rng.poisson(rates)
+    mask = np.ones((len(grid), TB, TB), bool)
+    mask[:, :2, :3] = False
+    return {"rates": rates, "counts": counts, "tiles": write_tiles(tmp_path / "tiles.zarr", counts, mask, grid)}
+
+
+def test_target_as_prediction_scores_one(cohort, tmp_path):
+    pred = write_pred(tmp_path / "m" / "f" / "predictions.zarr", cohort["counts"].astype(np.float32))
+    table = evaluate(pred, cohort["tiles"], tmp_path / "eval", bootstrap=50)
+    for col in ("pcc_2um_pooled", "pcc_4um_pooled", "pcc_8um_pooled", "pcc_2um_pertile", "scc_2um_pooled", "ssim_2um_pertile", "ratio_pooled"):
+        np.testing.assert_allclose(table[col], 1.0, atol=1e-6, err_msg=col)
+    np.testing.assert_allclose(table["deviance_pooled"], 0.0, atol=1e-9)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["model"] == "m" and summary["fold"] == "f" and summary["test_sample"] == "PX"
+    assert summary["mean_over_genes"]["pcc_2um_pooled"] == pytest.approx(1.0)
+    assert "derangement" in summary["protocol"]["null"] and "split-half" in summary["protocol"]["ceiling"]
+
+
+def test_true_rate_reaches_split_half_ceiling_and_null_is_near_zero(cohort, tmp_path):
+    pred = write_pred(tmp_path / "pred.zarr", cohort["rates"])
+    table = evaluate(pred, cohort["tiles"], tmp_path / "eval", bootstrap=0)
+    # the split-half ceiling estimates corr(true rate, counts): the true rate itself sits on it
+    np.testing.assert_allclose(table["pcc_2um_pooled"], table["pcc_2um_pooled_ceiling"], atol=0.05)
+    np.testing.assert_allclose(table["pcc_2um_pooled_frac_ceiling"], 1.0, atol=0.08)
+    assert (table["pcc_2um_pooled"] > 0.5).all()
+    assert (table["pcc_2um_pooled_null"].abs() < 0.1).all()
+    assert (table["ratio_pooled"].between(0.9, 1.1)).all()
+
+
+def test_batch_size_does_not_change_results(cohort, tmp_path):
+    pred = write_pred(tmp_path / "pred.zarr", cohort["rates"] * 1.3)
+    a = evaluate(pred, cohort["tiles"], tmp_path / "b1", batch_tiles=1, bootstrap=20)
+    b = evaluate(pred, cohort["tiles"], tmp_path / "b4", batch_tiles=4, bootstrap=20)
+    pd.testing.assert_frame_equal(a, b, rtol=1e-9)
+    pa = pd.read_parquet(tmp_path / "b1" / "per_tile.parquet")
+    pb = pd.read_parquet(tmp_path / "b4" / "per_tile.parquet")
+    pd.testing.assert_frame_equal(pa, pb, rtol=1e-9)
+    sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("b1", "b4"))
+    assert sa["ci95"] == sb["ci95"]
+
+
+def test_outputs_follow_tile_store_gene_order(cohort, tmp_path):
+    pd.DataFrame({"gene": sorted(GENES), "category": ["Housekeeping", "Immune", "Secretory"]}).to_csv(tmp_path / "genes.csv", index=False)
+    pred = write_pred(tmp_path / "pred.zarr", cohort["rates"])
+    evaluate(pred, cohort["tiles"], tmp_path / "eval", genes_csv=tmp_path / "genes.csv", bootstrap=0)
+    table = pd.read_csv(tmp_path / "eval" / "per_gene.csv")
+    assert list(table["gene"]) == list(zarr.open_group(str(cohort["tiles"]), mode="r").attrs["genes"])
+    assert dict(zip(table["gene"], table["category"])) == {"ACTB": "Housekeeping", "CD74": "Immune", "PIGR": "Secretory"}
+    # sparsity is computed per gene from the counts in channel order
+    counts, mask = cohort["counts"], np.asarray(zarr.open_group(str(cohort["tiles"]))["mask"][:])
+    zeros = [(counts[:, g][mask] == 0).mean() for g in range(len(GENES))]
+    np.testing.assert_allclose(table["sparsity"], zeros)
+    per_tile = pd.read_parquet(tmp_path / "eval" / "per_tile.parquet")
+    assert list(per_tile["gene"][: len(GENES)]) == GENES
+    # per-tile sums reproduce the pooled PCC of the table
+    s = per_tile[[f"sum_{p}_2um" for p in ("n", "x", "y", "xx", "yy", "xy")]].to_numpy().reshape(-1, len(GENES), 6)
+    np.testing.assert_allclose(pearson_from_sums(s.sum(0)), table["pcc_2um_pooled"], atol=1e-9)
+    assert not list(tmp_path.glob("eval/.*tmp*"))
+
+
+def test_prediction_shape_mismatch_is_an_input_error(cohort, tmp_path):
+    pred = write_pred(tmp_path / "pred.zarr", cohort["rates"][:-1])
+    with pytest.raises(InputError, match="pred.zarr.*does not match"):
+        evaluate(pred, cohort["tiles"], tmp_path / "eval")
+    assert not (tmp_path / "eval" / "per_gene.csv").exists()

@@ -1,0 +1,249 @@
+"""Metrics against scipy / scikit-image references on small random and count-like batches."""
+
+import numpy as np
+import pytest
+import scipy.stats as ss
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from skimage.metrics import structural_similarity
+
+from sparsitytrap import metrics as M
+from sparsitytrap.errors import InputError
+
+
+def batch(seed, t=3, g=4, h=16, w=16, tissue=0.7, shape=0.5):
+    """Sparse count-like batch: gamma rates, Poisson counts, random tissue mask."""
+    rng = np.random.default_rng(seed)
+    rate = rng.gamma(shape, 1.0, size=(t, g, h, w))
+    counts = rng.poisson(rate).astype(np.int32)
+    mask = rng.random((t, h, w)) < tissue
+    return torch.tensor(rate), torch.tensor(counts), torch.tensor(mask)
+
+
+def structured(seed, t=32, g=3, n=32, sigma=1.5):
+    """Smooth random log-rate fields (distinct per tile) and their Poisson counts."""
+    rng = np.random.default_rng(seed)
+    field = gaussian_filter(rng.normal(size=(t, g, n, n)), sigma=(0, 0, sigma, sigma))
+    rate = np.exp(field / field.std())
+    return torch.tensor(rate), torch.tensor(rng.poisson(rate)), torch.ones(t, n, n, dtype=torch.bool)
+
+
+def test_sum_pool_conserves_counts_and_matches_avg_pool():
+    rate, counts, mask = batch(0, h=16, w=16)
+    for k in (2, 4):
+        pooled = M.sum_pool(counts, k)
+        assert not pooled.is_floating_point()  # integer counts stay exact integers
+        assert torch.equal(pooled.sum(dim=(2, 3)), counts.sum(dim=(2, 3)))
+        ref = F.avg_pool2d(rate, k) * k * k
+        torch.testing.assert_close(M.sum_pool(rate, k), ref)
+        ref_mask = F.max_pool2d(mask[:, None].float(), k)[:, 0] > 0
+        assert torch.equal(M.pool_mask(mask, k), ref_mask)
+
+
+def test_pooled_pearson_streams_like_scipy_with_offset():
+    rate, counts, mask = batch(1, t=5)
+    rate = rate + 1e5  # a large offset must not cancel catastrophically
+    acc = M.PearsonAccumulator(4)
+    for lo, hi in [(0, 2), (2, 3), (3, 5)]:
+        acc.update(rate[lo:hi], counts[lo:hi], mask[lo:hi])
+    m = mask.numpy()
+    ref = [ss.pearsonr(rate[:, g].numpy()[m], counts[:, g].numpy()[m])[0] for g in range(4)]
+    np.testing.assert_allclose(acc.compute(), ref, atol=1e-6)
+    assert acc.n_bins == m.sum()
+
+
+def test_pearson_per_tile_like_scipy_and_nan_for_constant():
+    rate, counts, mask = batch(2)
+    counts[1, 2] = 3  # constant target in one (tile, gene)
+    r = M.pearson_per_tile(rate, counts, mask).numpy()
+    m = mask.numpy()
+    for t in range(3):
+        for g in range(4):
+            x, y = rate[t, g].numpy()[m[t]], counts[t, g].numpy()[m[t]]
+            if (t, g) == (1, 2):
+                assert np.isnan(r[t, g])
+            else:
+                assert r[t, g] == pytest.approx(ss.pearsonr(x, y)[0], abs=1e-6)
+
+
+def test_pertile_mean_excludes_undefined_tiles():
+    rate, counts, mask = batch(3)
+    counts[0, 0] = 0
+    acc = M.TileMetricAccumulator(4, M.pearson_per_tile)
+    acc.update(rate, counts, mask)
+    mean, count = acc.compute()
+    r = M.pearson_per_tile(rate, counts, mask).numpy()
+    assert count.tolist() == [2, 3, 3, 3]
+    assert mean[0] == pytest.approx(r[1:, 0].mean())
+    assert acc.values.shape == (3, 4)
+
+
+def test_pooled_pearson_nan_for_constant_gene():
+    rate, counts, mask = batch(4)
+    counts[:, 1] = 0
+    acc = M.PearsonAccumulator(4)
+    acc.update(rate, counts, mask)
+    r = acc.compute()
+    assert np.isnan(r[1]) and np.isfinite(r[[0, 2, 3]]).all()
+
+
+def test_average_ranks_match_rankdata_with_ties():
+    rng = np.random.default_rng(5)
+    x = rng.poisson(0.3, size=(3, 200)).astype(np.float64)  # mostly tied zeros
+    np.testing.assert_array_equal(M.average_ranks(torch.tensor(x)).numpy(), ss.rankdata(x, axis=1))
+
+
+def test_spearman_pooled_and_per_tile_like_scipy():
+    rate, counts, mask = batch(6, shape=0.3)
+    acc = M.SpearmanAccumulator(4)
+    acc.update(rate[:2], counts[:2], mask[:2])
+    acc.update(rate[2:], counts[2:], mask[2:])
+    m = mask.numpy()
+    ref = [ss.spearmanr(rate[:, g].numpy()[m], counts[:, g].numpy()[m])[0] for g in range(4)]
+    np.testing.assert_allclose(acc.compute(), ref, atol=1e-6)
+    per_tile = M.spearman_per_tile(rate, counts, mask).numpy()
+    for t in range(3):
+        for g in range(4):
+            x, y = rate[t, g].numpy()[m[t]], counts[t, g].numpy()[m[t]]
+            assert per_tile[t, g] == pytest.approx(ss.spearmanr(x, y)[0], abs=1e-6)
+
+
+def reference_ssim(pred, target, mask):
+    """The seeds' per-pair loop with skimage, as the reference."""
+    out = np.full(pred.shape[:2], np.nan)
+    for t in range(pred.shape[0]):
+        if mask[t].mean() <= 0.05:
+            continue
+        for g in range(pred.shape[1]):
+            a, b = pred[t, g] * mask[t], target[t, g] * mask[t]
+            lo, hi = min(a.min(), b.min()), max(a.max(), b.max())
+            if hi - lo < 1e-6:
+                continue
+            out[t, g] = structural_similarity((a - lo) / (hi - lo), (b - lo) / (hi - lo), win_size=7, data_range=1.0)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ssim_matches_skimage_on_many_pairs(seed):
+    rate, counts, mask = batch(10 + seed, t=6, g=8, h=24, w=20, shape=0.2 + 0.3 * seed)
+    mask[0] = False
+    mask[0, :3, :3] = True  # 9 of 480 bins: tissue fraction <= 0.05, skipped
+    counts[1, 0] = 0
+    rate[1, 0] = 0.0  # both sides zero: range < 1e-6, skipped
+    got = M.ssim_per_tile(rate, counts, mask, chunk=7).numpy()
+    ref = reference_ssim(rate.numpy(), counts.numpy(), mask.numpy())
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert np.isnan(got[0]).all() and np.isnan(got[1, 0])
+
+
+def test_ssim_images_matches_skimage_on_unscaled_noise():
+    rng = np.random.default_rng(20)
+    a, b = rng.random((5, 13, 17)), rng.random((5, 13, 17))
+    got = M.ssim_images(torch.tensor(a), torch.tensor(b)).numpy()
+    ref = [structural_similarity(a[i], b[i], win_size=7, data_range=1.0) for i in range(5)]
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_ratio_deviance_sparsity_by_hand():
+    rate, counts, mask = batch(7)
+    rate[0, 0, 0, 0] = 0.0  # zero rate: clamped, finite deviance
+    acc = M.CountAccumulator(4)
+    acc.update(rate, counts, mask)
+    got = acc.compute()
+    m = mask.numpy()
+    for g in range(4):
+        mu, y = rate[:, g].numpy()[m], counts[:, g].numpy()[m].astype(float)
+        mu_c = np.maximum(mu, 1e-8)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ylogy = np.where(y > 0, y * np.log(y / mu_c), 0.0)
+        assert got["deviance"][g] == pytest.approx(np.mean(2 * (ylogy - (y - mu))))
+        assert got["ratio"][g] == pytest.approx(mu.mean() / y.mean())
+        assert got["sparsity"][g] == pytest.approx(np.mean(y == 0))
+
+
+def test_shuffle_pairs_is_seeded_derangement():
+    perm = M.shuffle_pairs(50, seed=3)
+    assert sorted(perm) == list(range(50))
+    assert (perm != np.arange(50)).all()
+    assert np.array_equal(perm, M.shuffle_pairs(50, seed=3))
+    assert not np.array_equal(perm, M.shuffle_pairs(50, seed=4))
+    assert (M.shuffle_pairs(2, seed=0) == [1, 0]).all()
+    with pytest.raises(InputError, match="n_tiles"):
+        M.shuffle_pairs(1, seed=0)
+
+
+def test_label_shuffle_null_is_near_zero_while_matched_is_high():
+    rate, counts, mask = structured(8)
+    perm = M.shuffle_pairs(len(rate), seed=1)
+    matched = M.evaluate_stream(M.iter_batches(rate, counts, mask, 5), 3, ssim=False, spearman=False)
+    null = M.evaluate_stream(M.iter_batches(rate, counts, mask, 5, pred_order=perm), 3, ssim=False, spearman=False)
+    assert (matched["pcc_2um_pooled"] > 0.5).all()
+    assert (null["pcc_2um_pooled"].abs() < 0.1).all()
+    assert (null["pcc_8um_pertile"].abs() < 0.15).all()
+
+
+def test_split_half_thinning_and_ceiling_on_poisson_counts():
+    rate, counts, mask = structured(9, t=8, g=2, n=64)
+    y1, y2 = M.split_half_thinning(counts, seed=(0, 0))
+    assert torch.equal(y1 + y2, counts) and (y1 >= 0).all() and (y2 >= 0).all()
+    again = M.split_half_thinning(counts, seed=(0, 0))[0]
+    assert torch.equal(y1, again)
+    assert not torch.equal(y1, M.split_half_thinning(counts, seed=(0, 1))[0])
+    half = M.evaluate_stream([(y1, y2, mask)], 2, ssim=False, spearman=False)
+    truth = M.evaluate_stream([(rate, counts, mask)], 2, ssim=False, spearman=False)
+    ceiling = M.correct_split_half(half)
+    # the corrected split-half estimate recovers the correlation of the true rate with the counts
+    for col in ("pcc_2um_pooled", "pcc_8um_pooled"):
+        np.testing.assert_allclose(ceiling[col], truth[col], atol=0.015)
+    assert (half["pcc_2um_pooled"] < truth["pcc_2um_pooled"] - 0.05).all()
+    assert M.noise_ceiling(-0.2) == 0.0
+    with pytest.raises(InputError, match="counts"):
+        M.split_half_thinning(np.array([1, -1]), seed=0)
+
+
+def test_evaluate_stream_is_batch_invariant_and_deterministic():
+    rate, counts, mask = batch(11, t=6, g=3, h=16, w=16)
+    genes = ["A", "B", "C"]
+    one = M.evaluate_stream([(rate, counts, mask)], 3, genes=genes)
+    split = M.evaluate_stream(M.iter_batches(rate.numpy(), counts.numpy(), mask.numpy(), 4), 3, genes=genes)
+    expected = {"pcc_2um_pooled", "pcc_2um_pertile", "pcc_4um_pooled", "pcc_8um_pertile", "ssim_2um", "ssim_pairs",
+                "scc_2um_pooled", "scc_2um_pertile", "ratio", "deviance", "sparsity"}  # fmt: skip
+    assert expected <= set(one.columns)
+    assert one["gene"].tolist() == genes
+    num = one.columns.drop("gene")
+    np.testing.assert_allclose(one[num].to_numpy(float), split[num].to_numpy(float), rtol=1e-10)
+    again = M.evaluate_stream([(rate, counts, mask)], 3, genes=genes)
+    assert one.equals(again)
+
+
+def test_per_tile_values_for_bootstrap():
+    rate, counts, mask = batch(12, t=5)
+    gm = M.GeneMetrics(4)
+    gm.update(rate[:2], counts[:2], mask[:2])
+    gm.update(rate[2:], counts[2:], mask[2:])
+    per_tile = gm.per_tile()
+    assert per_tile["pcc_2um_pertile"].shape == (5, 4)
+    np.testing.assert_allclose(per_tile["pcc_2um_pertile"], M.pearson_per_tile(rate, counts, mask).numpy())
+    assert set(per_tile) >= {"pcc_4um_pertile", "scc_2um_pertile", "ssim_2um"}
+
+
+@pytest.mark.parametrize(
+    "change, fault",
+    [
+        (lambda p, t, m: (p, t[:, :2], m), "target shape"),
+        (lambda p, t, m: (p, t, m[:, :8]), "mask shape"),
+        (lambda p, t, m: (p[:, :, :6, :6], t[:, :, :6, :6], m[:, :6, :6]), "divisible"),
+        (lambda p, t, m: (p.fill_(float("nan")), t, m), "NaN"),
+        (lambda p, t, m: (p, -t - 1, m), "negative"),
+        (lambda p, t, m: (p[:, :3], t[:, :3], m), "3 genes"),
+    ],
+)
+def test_bad_batches_raise_one_line_input_error(change, fault):
+    rate, counts, mask = batch(13)
+    gm = M.GeneMetrics(4, source="results/models/E/test-P1/predictions.zarr")
+    with pytest.raises(InputError, match=fault) as err:
+        gm.update(*change(rate, counts, mask))
+    assert str(err.value).startswith("results/models/E/test-P1/predictions.zarr: ")
+    assert "\n" not in str(err.value)

@@ -1,0 +1,21 @@
+import torch
+
+from sparsitytrap.evaluate import evaluate
+from sparsitytrap.smk import job
+
+with job(snakemake):
+    torch.set_num_threads(snakemake.threads)
+    p = snakemake.params
+    evaluate(
+        snakemake.input.pred,
+        snakemake.input.tiles,
+        snakemake.output.per_gene.rsplit("/", 1)[0],
+        truth_zarr=snakemake.input.truth or None,
+        genes_csv=snakemake.input.genes,
+        model=snakemake.wildcards.model,
+        fold=snakemake.wildcards.fold,
+        batch_tiles=p.batch_tiles,
+        shuffle_seed=p.shuffle_seed,
+        bootstrap=p.bootstrap,
+        ssim_min_tissue=p.min_tissue_fraction_ssim,
+    )

@@ -1,0 +1,15 @@
+import torch
+
+from sparsitytrap.predict import predict
+from sparsitytrap.smk import job
+
+with job(snakemake):
+    torch.set_num_threads(snakemake.threads)
+    predict(
+        snakemake.params.model,
+        weights=snakemake.input.weights,
+        tiles=snakemake.input.tiles,
+        features=snakemake.input.features,
+        out_pred=snakemake.output.pred,
+        out_sdata=snakemake.output.sdata,
+    )
