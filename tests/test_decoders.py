@@ -10,7 +10,15 @@ from sparsitytrap.decoders import build_decoder, count_parameters, knn_grid, to_
 from sparsitytrap.errors import InputError
 
 TINY = {
-    "hist2st": {"hidden": 16, "n_transformer_layers": 1, "n_heads": 2, "ff_dim": 32, "n_graph_layers": 1, "k": 8, "dropout": 0.0},
+    "hist2st": {
+        "hidden": 16,
+        "n_transformer_layers": 1,
+        "n_heads": 2,
+        "ff_dim": 32,
+        "n_graph_layers": 1,
+        "k": 8,
+        "dropout": 0.0,
+    },
     "img2st": {"width": 16},
 }
 
@@ -73,23 +81,32 @@ def _poisson(s, y):
     return (torch.exp(s) - y * s).mean()
 
 
-@pytest.mark.parametrize("name", ["hist2st", "img2st"])
-def test_overfits_one_tile(name):
+@pytest.fixture
+def one_thread():
+    # Small convolutions run faster on one thread than on two contended cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("name", "steps"), [("hist2st", 100), ("img2st", 200)])
+def test_overfits_one_tile(name, steps, one_thread):
     torch.manual_seed(0)
     tokens, true_log_rate, counts = _structured_tile()
-    dec = build_decoder(name, 16, 3, **TINY[name])
-    opt = torch.optim.Adam(dec.parameters(), lr=1e-2)
+    widths = {**TINY[name], "hidden": 32} if name == "hist2st" else TINY[name]
+    dec = build_decoder(name, 16, 3, **widths)
+    opt = torch.optim.Adam(dec.parameters(), lr=5e-3)
     oracle = _poisson(true_log_rate, counts).item()
     start = _poisson(dec(tokens), counts).item() - oracle
-    for _ in range(150):
+    for _ in range(steps):
         opt.zero_grad()
         loss = _poisson(dec(tokens), counts)
         loss.backward()
         opt.step()
-    dec.eval()
     end = _poisson(dec(tokens), counts).item() - oracle
     # Excess over the true rates: starts large, falls by more than 10x (it may go below 0).
-    assert start > 0.3
+    assert start > 1.0
     assert end < start / 10, (start, end)
 
 

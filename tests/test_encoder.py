@@ -26,7 +26,9 @@ def test_prefix_tokens_dropped_by_count():
     assert grid.shape == (2, 32, 16, 16)
     # Independent check: grid cell (i, j) is token 5 + 16 i + j of the normalised image.
     x = images.permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         tokens = enc.model.forward_features(x)
     assert tokens.shape[1] == 261
@@ -110,7 +112,9 @@ def test_virchow2_parameter_count_on_meta_device():
     assert grid.shape == (1, 1280, 16, 16)
 
 
-@pytest.mark.skipif(not os.environ.get("SPARSITYTRAP_FULL_ENCODER"), reason="3 GB, slow: set SPARSITYTRAP_FULL_ENCODER=1")
+@pytest.mark.skipif(
+    not os.environ.get("SPARSITYTRAP_FULL_ENCODER"), reason="3 GB, slow: set SPARSITYTRAP_FULL_ENCODER=1"
+)
 def test_virchow2_full_size():
     enc = build_encoder({"preset": "virchow2", "random_init": True})
     n = sum(p.numel() for p in enc.parameters())

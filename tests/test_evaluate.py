@@ -8,10 +8,10 @@ import pytest
 import zarr
 
 from sparsitytrap.errors import InputError
-from sparsitytrap.evaluate import evaluate, pearson_from_sums
+from sparsitytrap.evaluate import evaluate, evaluate_ceiling, pearson_from_sums
 
 GENES = ["PIGR", "ACTB", "CD74"]  # deliberately not alphabetical
-TB = 16  # bins per tile side (divisible by 4 for 8 um pooling, >= 7 for SSIM)
+TB = 32  # bins per tile side (divisible by 4 for 8 um pooling, >= 7 for SSIM)
 
 
 def smooth_rates(rng, n_tiles, n_genes=len(GENES), tb=TB):
@@ -25,7 +25,13 @@ def smooth_rates(rng, n_tiles, n_genes=len(GENES), tb=TB):
 def write_tiles(path, counts, mask, grid, genes=GENES):
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     t = counts.shape[0]
-    g.attrs.update(sample="PX", genes=list(genes), tile_bins=TB, bin_um=2.0, grid_shape=[int(grid[:, 0].max()) + 1, int(grid[:, 1].max()) + 1])
+    g.attrs.update(
+        sample="PX",
+        genes=list(genes),
+        tile_bins=TB,
+        bin_um=2.0,
+        grid_shape=[int(grid[:, 0].max()) + 1, int(grid[:, 1].max()) + 1],
+    )
     g.create_array("counts", data=counts.astype(np.int32), chunks=(1, *counts.shape[1:]))
     g.create_array("mask", data=mask, chunks=(1, TB, TB))
     g.create_array("grid", data=grid.astype(np.int32))
@@ -35,8 +41,10 @@ def write_tiles(path, counts, mask, grid, genes=GENES):
 
 
 def write_pred(path, rates):
-    arr = zarr.create_array(str(path), data=rates.astype(np.float16), chunks=(1, *rates.shape[1:]))
-    arr.attrs["genes"] = list(GENES)
+    """A predictions store as :func:`sparsitytrap.predict.predict` writes it (group, array ``rates``)."""
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    g.create_array("rates", data=rates.astype(np.float16), chunks=(1, *rates.shape[1:]))
+    g.attrs.update(genes=list(GENES), sample="PX")
     return path
 
 
@@ -52,16 +60,63 @@ def cohort(tmp_path):
     return {"rates": rates, "counts": counts, "tiles": write_tiles(tmp_path / "tiles.zarr", counts, mask, grid)}
 
 
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """A 96 x 96-bin patient from simulate.simulate_patient (efficiency 2), cut into 3 x 3 tiles."""
+    from sparsitytrap.simulate import simulate_patient, truth_rate
+
+    root = tmp_path_factory.mktemp("sim")
+    simulate_patient(root / "PX", "PX", {"seed": 5, "n_rows": 3 * TB, "n_cols": 3 * TB, "capture_efficiency": 2.0})
+    truth = root / "PX" / "truth.zarr"
+    grid = np.array([(r, c) for r in range(3) for c in range(3)])
+    window = [(slice(r * TB, (r + 1) * TB), slice(c * TB, (c + 1) * TB)) for r, c in grid]
+    expected = np.stack([truth_rate(truth, GENES, rows, cols, with_efficiency=True) for rows, cols in window])
+    counts = np.random.default_rng(1).poisson(expected)  # the counts are Poisson(expected), as simulated
+    tiles = write_tiles(root / "tiles.zarr", counts, np.ones((len(grid), TB, TB), bool), grid)
+    return {"expected": expected, "tiles": tiles, "truth": truth}
+
+
+def test_true_rate_scores_at_simulated_ceiling(simulated, tmp_path):
+    pred = write_pred(tmp_path / "pred.zarr", simulated["expected"])
+    table = evaluate(pred, simulated["tiles"], tmp_path / "eval", truth_zarr=simulated["truth"], bootstrap=0)
+    # float16 storage of the prediction is the only difference from the ceiling's float32 truth
+    for s in ("pcc_2um_pooled", "pcc_8um_pooled", "pcc_2um_pertile", "ssim_2um_pertile"):
+        np.testing.assert_allclose(table[f"{s}_frac_ceiling"], 1.0, atol=2e-3, err_msg=s)
+    assert (table["pcc_2um_pooled"] > 0.3).all()
+    assert (table["pcc_2um_pooled_null"].abs() < 0.1).all()
+    assert (table["pcc_2um_pooled_null"].abs() < table["pcc_2um_pooled"] / 3).all()
+    # the ceiling is the expected count (rate x efficiency 2): calibrated up to Poisson noise
+    total = table["mean_target_pooled"] * table["n_tissue_bins"]
+    assert ((table["ratio_pooled_ceiling"] - 1).abs() < 4 / np.sqrt(total)).all()
+    bare = write_pred(tmp_path / "bare.zarr", simulated["expected"] / 2.0)
+    bare = evaluate(bare, simulated["tiles"], tmp_path / "bare", truth_zarr=simulated["truth"], bootstrap=0)
+    np.testing.assert_allclose(bare["ratio_pooled"] / bare["ratio_pooled_ceiling"], 0.5, rtol=2e-3)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["protocol"]["ceiling_kind"] == "simulated truth"
+    # a ceiling computed once per patient (shared by all models) gives the same table
+    evaluate_ceiling(simulated["tiles"], tmp_path / "ceiling.csv", truth_zarr=simulated["truth"])
+    again = evaluate(pred, simulated["tiles"], tmp_path / "again", ceiling_csv=tmp_path / "ceiling.csv", bootstrap=0)
+    pd.testing.assert_frame_equal(again, table, rtol=1e-12)
+
+
 def test_target_as_prediction_scores_one(cohort, tmp_path):
     pred = write_pred(tmp_path / "m" / "f" / "predictions.zarr", cohort["counts"].astype(np.float32))
     table = evaluate(pred, cohort["tiles"], tmp_path / "eval", bootstrap=50)
-    for col in ("pcc_2um_pooled", "pcc_4um_pooled", "pcc_8um_pooled", "pcc_2um_pertile", "scc_2um_pooled", "ssim_2um_pertile", "ratio_pooled"):
+    for col in (
+        "pcc_2um_pooled",
+        "pcc_4um_pooled",
+        "pcc_8um_pooled",
+        "pcc_2um_pertile",
+        "scc_2um_pooled",
+        "ssim_2um_pertile",
+        "ratio_pooled",
+    ):
         np.testing.assert_allclose(table[col], 1.0, atol=1e-6, err_msg=col)
     np.testing.assert_allclose(table["deviance_pooled"], 0.0, atol=1e-9)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["model"] == "m" and summary["fold"] == "f" and summary["test_sample"] == "PX"
     assert summary["mean_over_genes"]["pcc_2um_pooled"] == pytest.approx(1.0)
-    assert "derangement" in summary["protocol"]["null"] and "split-half" in summary["protocol"]["ceiling"]
+    assert "derangement" in summary["protocol"]["null"] and summary["protocol"]["ceiling_kind"] == "split-half thinning"
 
 
 def test_true_rate_reaches_split_half_ceiling_and_null_is_near_zero(cohort, tmp_path):
@@ -70,9 +125,11 @@ def test_true_rate_reaches_split_half_ceiling_and_null_is_near_zero(cohort, tmp_
     # the split-half ceiling estimates corr(true rate, counts): the true rate itself sits on it
     np.testing.assert_allclose(table["pcc_2um_pooled"], table["pcc_2um_pooled_ceiling"], atol=0.05)
     np.testing.assert_allclose(table["pcc_2um_pooled_frac_ceiling"], 1.0, atol=0.08)
-    assert (table["pcc_2um_pooled"] > 0.5).all()
+    assert (table["pcc_2um_pooled"] > 0.3).all()
     assert (table["pcc_2um_pooled_null"].abs() < 0.1).all()
     assert (table["ratio_pooled"].between(0.9, 1.1)).all()
+    # half-depth SSIM and deviance have no full-depth correction: no ceiling is given for them
+    assert table["ssim_2um_pertile_ceiling"].isna().all() and table["deviance_pooled_ceiling"].isna().all()
 
 
 def test_batch_size_does_not_change_results(cohort, tmp_path):
@@ -88,12 +145,18 @@ def test_batch_size_does_not_change_results(cohort, tmp_path):
 
 
 def test_outputs_follow_tile_store_gene_order(cohort, tmp_path):
-    pd.DataFrame({"gene": sorted(GENES), "category": ["Housekeeping", "Immune", "Secretory"]}).to_csv(tmp_path / "genes.csv", index=False)
+    pd.DataFrame({"gene": sorted(GENES), "category": ["Housekeeping", "Immune", "Secretory"]}).to_csv(
+        tmp_path / "genes.csv", index=False
+    )
     pred = write_pred(tmp_path / "pred.zarr", cohort["rates"])
     evaluate(pred, cohort["tiles"], tmp_path / "eval", genes_csv=tmp_path / "genes.csv", bootstrap=0)
     table = pd.read_csv(tmp_path / "eval" / "per_gene.csv")
     assert list(table["gene"]) == list(zarr.open_group(str(cohort["tiles"]), mode="r").attrs["genes"])
-    assert dict(zip(table["gene"], table["category"])) == {"ACTB": "Housekeeping", "CD74": "Immune", "PIGR": "Secretory"}
+    assert dict(zip(table["gene"], table["category"])) == {
+        "ACTB": "Housekeeping",
+        "CD74": "Immune",
+        "PIGR": "Secretory",
+    }
     # sparsity is computed per gene from the counts in channel order
     counts, mask = cohort["counts"], np.asarray(zarr.open_group(str(cohort["tiles"]))["mask"][:])
     zeros = [(counts[:, g][mask] == 0).mean() for g in range(len(GENES))]

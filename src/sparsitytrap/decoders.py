@@ -191,7 +191,9 @@ class Hist2STDecoder(nn.Module):
         widths = (in_dim, *cnn_dims)
         self.cnn = nn.Sequential(*[_gelu_conv(a, b) for a, b in zip(widths[:-1], widths[1:])])
         self.token_proj = nn.Linear(in_dim, hidden)
-        layer = nn.TransformerEncoderLayer(hidden, n_heads, ff_dim, dropout, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            hidden, n_heads, ff_dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.transformer = nn.TransformerEncoder(layer, n_transformer_layers, enable_nested_tensor=False)
         self.graph_proj = nn.Linear(in_dim, hidden)
         self.graph = nn.ModuleList([GraphSAGELayer(hidden) for _ in range(n_graph_layers)])

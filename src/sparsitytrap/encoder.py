@@ -169,7 +169,9 @@ def build_timm_model(cfg, where="encoder"):
 def _create(cfg, where):
     arch = cfg["arch"]
     if ":" in arch:
-        raise InputError(f"{where}.arch", f"{arch!r} is a hub name (needs the network); give a timm architecture and local weights")
+        raise InputError(
+            f"{where}.arch", f"{arch!r} is a hub name (needs the network); give a timm architecture and local weights"
+        )
     kwargs = _timm_kwargs(cfg["kwargs"], where)
     try:
         with torch.random.fork_rng(devices=[]):  # reproducible random init, global RNG untouched
@@ -220,11 +222,17 @@ def _load_weights(model, path):
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise InputError(path, f"keys do not match the model: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        raise InputError(
+            path,
+            f"keys do not match the model: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})",
+        )
     wrong = [k for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         k = wrong[0]
-        raise InputError(path, f"{len(wrong)} tensors have the wrong shape, e.g. {k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        raise InputError(
+            path,
+            f"{len(wrong)} tensors have the wrong shape, e.g. {k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}",
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -249,7 +257,9 @@ def build_encoder(cfg, where="encoder"):
     cfg = resolve_config(cfg, where)
     weights = cfg.get("weights")
     if weights is None and cfg.get("requires_weights") and not cfg.get("random_init"):
-        raise InputError(f"{where}.weights", f"{cfg['arch']} needs a local weights file (random weights are meaningless)")
+        raise InputError(
+            f"{where}.weights", f"{cfg['arch']} needs a local weights file (random weights are meaningless)"
+        )
     model = _create(cfg, where)
     if weights is not None:
         _load_weights(model, weights)

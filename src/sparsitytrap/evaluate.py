@@ -1,7 +1,7 @@
 """Streamed evaluation of one (model, fold): per-gene metrics with a label-shuffle null and a noise ceiling.
 
 The test patient's predictions and counts are read a batch of tiles at a time (never all of a
-patient at once). Three sets of per-gene metrics are fed from the same stream
+patient at once). Three sets of per-gene metrics are computed
 (:class:`sparsitytrap.metrics.GeneMetrics`, definitions in :mod:`sparsitytrap.metrics`):
 
 - model: the prediction of tile t against the counts of tile t;
@@ -11,7 +11,8 @@ patient at once). Three sets of per-gene metrics are fed from the same stream
 - ceiling: on simulated data the true expected count of every bin (the diffused rate times the
   capture efficiency, :func:`sparsitytrap.simulate.truth_rate`) scored as a prediction; on real
   data two binomial half-samples of the counts scored against each other, the correlations then
-  Spearman-Brown corrected (:func:`sparsitytrap.metrics.correct_split_half`).
+  Spearman-Brown corrected (:func:`sparsitytrap.metrics.correct_split_half`). The ceiling does
+  not depend on the model: :func:`evaluate_ceiling` computes it once per test patient.
 
 Outputs in ``out_dir``: ``per_gene.csv``, ``per_tile.parquet``, ``summary.json``.
 """
@@ -19,6 +20,7 @@ Outputs in ``out_dir``: ``per_gene.csv``, ``per_tile.parquet``, ``summary.json``
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,37 +91,46 @@ def open_tiles(tiles_zarr):
 
 
 def open_predictions(pred_zarr, shape=None):
-    """Open a predictions store: a zarr array ``[T, G, H, W]`` (or a group holding one, ``rates``).
+    """Open a predictions store written by :func:`sparsitytrap.predict.predict`.
 
     Parameters
     ----------
     pred_zarr
-        Path of ``predictions.zarr``.
+        Path of ``predictions.zarr``: a zarr group with array ``rates`` ``[T, G, H, W]`` and attrs
+        (``genes``, ``model``, ``fold``, ``sample``, ``relative``); a bare array is accepted too.
     shape
         Expected shape (the tile store's ``counts``); a mismatch raises :class:`InputError`.
+
+    Returns
+    -------
+    rates, attrs
+        The zarr array (read lazily) and the store's attributes as a dict.
     """
     try:
         node = zarr.open(str(pred_zarr), mode="r")
     except Exception as err:
         raise InputError(pred_zarr, f"cannot open the predictions store ({type(err).__name__})") from None
+    attrs = dict(node.attrs)
     if isinstance(node, zarr.Group):
-        arrays = dict(node.arrays())
-        name = "rates" if "rates" in arrays else (next(iter(arrays)) if len(arrays) == 1 else None)
-        if name is None:
-            raise InputError(pred_zarr, f"expected an array 'rates', found {sorted(arrays)}")
-        node = arrays[name]
+        if "rates" not in node:
+            raise InputError(pred_zarr, f"no array 'rates' (found {sorted(node.array_keys())})")
+        node = node["rates"]
     if shape is not None and tuple(node.shape) != tuple(shape):
         raise InputError(pred_zarr, f"shape {tuple(node.shape)} does not match the tile store's counts {tuple(shape)}")
-    return node
+    return node, attrs
 
 
 def _truth_window(truth_zarr, genes, origin, tile_bins):
-    """True expected counts ``[G, tile_bins, tile_bins]`` of one tile; bins outside the truth are 0."""
+    """True expected counts ``[G, tile_bins, tile_bins]`` of one tile; bins outside the truth are 0.
+
+    ``truth_rate`` returns the diffused rate *without* the capture efficiency unless asked:
+    the counts are Poisson(rate x efficiency), so the expected count needs ``with_efficiency``.
+    """
     from .simulate import truth_rate
 
     r0, c0 = int(origin[0]), int(origin[1])
     rows, cols = slice(max(r0, 0), r0 + tile_bins), slice(max(c0, 0), c0 + tile_bins)
-    rate = np.asarray(truth_rate(truth_zarr, genes, rows=rows, cols=cols, diffused=True), dtype=np.float32)
+    rate = truth_rate(truth_zarr, genes, rows=rows, cols=cols, diffused=True, with_efficiency=True)
     out = np.zeros((len(genes), tile_bins, tile_bins), dtype=np.float32)
     h, w = rate.shape[1:]
     out[:, rows.start - r0 : rows.start - r0 + h, cols.start - c0 : cols.start - c0 + w] = rate
@@ -160,6 +171,13 @@ def pearson_from_sums(s):
     return np.where(bad, np.nan, np.clip(r, -1, 1))
 
 
+def gene_mean(values):
+    """Mean over the last axis (genes) ignoring NaN; NaN, without a warning, where none is defined."""
+    ok = np.isfinite(values)
+    n = ok.sum(-1)
+    return np.where(n > 0, np.where(ok, values, 0.0).sum(-1) / np.maximum(n, 1), np.nan)
+
+
 def bootstrap_weights(n_tiles, n_boot, seed):
     """``[n_boot, n_tiles]`` multiplicities of tiles drawn with replacement (rows sum to n_tiles)."""
     rng = np.random.default_rng(seed)
@@ -194,14 +212,14 @@ def _table(gm, genes):
     return gm.table(genes).rename(columns=RENAME)
 
 
-def per_gene_table(model, null, ceiling, genes, categories=None):
+def per_gene_table(model, null, ceiling, genes, fold, categories=None):
     """Join model, null and ceiling tables into one row per gene, in the tile store's gene order.
 
-    Columns: gene, category (if known), sparsity, mean_target_pooled, n_tissue_bins, every
+    Columns: fold, gene, category (if known), sparsity, mean_target_pooled, n_tissue_bins, every
     score of :data:`SCORES`, ``<score>_null``, ``<score>_ceiling`` and, for similarities,
     ``<score>_frac_ceiling`` (model / ceiling; NaN where the ceiling is <= 0).
     """
-    df = pd.DataFrame({"gene": genes})
+    df = pd.DataFrame({"fold": fold, "gene": genes})
     if categories is not None:
         df["category"] = [categories.get(g, "Other") for g in genes]
     for col in ("sparsity", "mean_target_pooled", "n_tissue_bins"):
@@ -238,25 +256,48 @@ def _per_tile_frame(genes, grid, per_tile, sums):
     return pd.DataFrame(cols)
 
 
+def tile_bootstrap(per_tile, metric, n_boot, seed):
+    """Bootstrap replicates (test tiles resampled with replacement) of the mean over genes of a metric.
+
+    Pooled PCC is recomputed from the per-tile sums, a per-tile metric re-averaged over the drawn
+    tiles (NaN tiles left out).
+
+    Parameters
+    ----------
+    per_tile
+        The ``per_tile.parquet`` table of one evaluation.
+    metric
+        ``pcc_{2,4,8}um_pooled`` or a per-tile column such as ``ssim_2um_pertile``.
+    n_boot, seed
+        Number of resamples and their seed.
+
+    Returns
+    -------
+    ``[n_boot]`` float array, or None when the metric cannot be resampled from ``per_tile``.
+    """
+    n_tiles = int(per_tile["tile"].max()) + 1
+    n_genes = len(per_tile) // n_tiles
+    w = bootstrap_weights(n_tiles, n_boot, seed)
+    pooled = re.fullmatch(r"pcc_(\d+um)_pooled", metric)
+    if pooled and f"sum_n_{pooled[1]}" in per_tile.columns:
+        s = per_tile[[f"sum_{p}_{pooled[1]}" for p in SUMS]].to_numpy().reshape(n_tiles, n_genes, len(SUMS))
+        # chunks of 100 resamples bound the memory to 100 x genes x 6 floats
+        r = [pearson_from_sums(np.einsum("bt,tgs->bgs", w[i : i + 100], s)) for i in range(0, len(w), 100)]
+        return gene_mean(np.concatenate(r))
+    if metric in per_tile.columns:
+        v = per_tile[metric].to_numpy().reshape(n_tiles, n_genes)
+        ok = np.isfinite(v)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return gene_mean((w @ np.where(ok, v, 0.0)) / (w @ ok))
+    return None
+
+
 def _bootstrap(per_tile, n_boot, seed):
-    """95 % bootstrap intervals over tiles of the mean over genes of the pooled PCCs and per-tile SSIM."""
+    """95 % intervals over tiles of the mean over genes of the pooled PCCs and the per-tile SSIM."""
     if n_boot <= 0:
         return {}
-    tiles = per_tile["tile"].to_numpy()
-    n_tiles, n_genes = tiles.max() + 1, int((tiles == 0).sum())
-    w = bootstrap_weights(n_tiles, n_boot, seed)
-    out = {}
-    for um in ("2um", "4um", "8um"):
-        s = per_tile[[f"sum_{p}_{um}" for p in SUMS]].to_numpy().reshape(n_tiles, n_genes, 6)
-        # resamples in chunks bound the memory to 100 x genes x 6 floats
-        r = np.concatenate([pearson_from_sums(np.einsum("bt,tgs->bgs", w[i : i + 100], s)) for i in range(0, n_boot, 100)])
-        out[f"pcc_{um}_pooled"] = _interval(np.nanmean(r, axis=1))
-    v = per_tile["ssim_2um_pertile"].to_numpy().reshape(n_tiles, n_genes)
-    ok = np.isfinite(v)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (w @ np.where(ok, v, 0.0)) / (w @ ok)
-    out["ssim_2um_pertile"] = _interval(np.nanmean(mean, axis=1))
-    return out
+    metrics = ("pcc_2um_pooled", "pcc_4um_pooled", "pcc_8um_pooled", "ssim_2um_pertile")
+    return {m: _interval(tile_bootstrap(per_tile, m, n_boot, seed)) for m in metrics}
 
 
 def _interval(values):
@@ -279,7 +320,8 @@ def _clean(x):
     return x
 
 
-def _protocol(fold, sample, truth, shuffle_seed, batch_tiles, ssim_min_tissue, n_boot):
+def _protocol(fold, sample, ceiling_kind, shuffle_seed, batch_tiles, ssim_min_tissue, n_boot):
+    simulated = ceiling_kind == "simulated truth"
     return {
         "fold": fold,
         "test_sample": sample,
@@ -290,17 +332,97 @@ def _protocol(fold, sample, truth, shuffle_seed, batch_tiles, ssim_min_tissue, n
         "mean over pairs",
         "null": f"label shuffle: the prediction of tile perm[t] scored against the counts and mask of tile t, "
         f"perm a random derangement of the test tiles (seed {shuffle_seed})",
+        "ceiling_kind": ceiling_kind,
         "ceiling": (
-            "simulated truth: the true diffused rate times the capture efficiency scored as a prediction"
-            if truth
-            else f"split-half binomial thinning of the counts (seed {shuffle_seed}); PCC and SCC "
-            "Spearman-Brown corrected (sqrt of the full-depth replicate correlation), SSIM, ratio "
-            "and deviance are half vs half"
+            "simulated truth: the true diffused rate times the capture efficiency (the expected count) "
+            "scored as a prediction"
+            if simulated
+            else "split-half binomial thinning of the counts; PCC and SCC Spearman-Brown corrected (sqrt of "
+            "the full-depth replicate correlation); ratio half vs half; no ceiling for SSIM and deviance "
+            "(half-depth values are not comparable to full depth)"
         ),
         "frac_ceiling": "model score / ceiling score, per gene",
         "bootstrap": f"{n_boot} resamples of test tiles with replacement; 95 % percentile interval of the mean over genes",
         "batch_tiles": batch_tiles,
     }
+
+
+def ceiling_table(tiles_zarr, *, truth_zarr=None, batch_tiles=4, seed=7, ssim_min_tissue=0.05):
+    """Noise ceiling per gene of one test patient (the same for every model), streamed by tile batches.
+
+    Parameters
+    ----------
+    tiles_zarr
+        The patient's tile store.
+    truth_zarr
+        Simulated ground truth: the expected counts are scored as a prediction. ``None``: split-half
+        binomial thinning of the counts (one draw per tile, seeded by ``seed`` and the tile index).
+    batch_tiles, seed, ssim_min_tissue
+        As in :func:`evaluate`.
+
+    Returns
+    -------
+    pandas.DataFrame: gene, ceiling_kind and the columns of :data:`SCORES`.
+    """
+    tiles = open_tiles(tiles_zarr)
+    counts, mask, genes = tiles["counts"], tiles["mask"], list(tiles.attrs["genes"])
+    origins = np.asarray(tiles["bin_origin"][:])
+    gm = _metrics(len(genes), ssim_min_tissue, str(truth_zarr or tiles_zarr))
+    for t0, t1 in _batches(counts.shape[0], int(batch_tiles)):
+        y = torch.from_numpy(np.asarray(counts[t0:t1]))
+        m = torch.from_numpy(np.asarray(mask[t0:t1])).bool()
+        gm.update(*_ceiling_batch(y, origins[t0:t1], t0, truth_zarr, genes, seed), m)
+    table = _table(gm, genes)
+    kind = "simulated truth"
+    if truth_zarr is None:
+        kind = "split-half thinning"
+        table = M.correct_split_half(table)
+        # half-depth SSIM and deviance have no correction to full depth: no ceiling rather than a wrong one
+        table[["ssim_2um_pertile", "deviance_pooled"]] = np.nan
+    return pd.concat([pd.DataFrame({"gene": genes, "ceiling_kind": kind}), table[list(SCORES)]], axis=1)
+
+
+def evaluate_ceiling(tiles_zarr, out_csv, *, truth_zarr=None, batch_tiles=4, shuffle_seed=7, ssim_min_tissue=0.05):
+    """Write :func:`ceiling_table` of one test patient to ``out_csv`` (computed once, used by every model).
+
+    Returns
+    -------
+    pandas.DataFrame, the table written.
+    """
+    table = ceiling_table(
+        tiles_zarr, truth_zarr=truth_zarr, batch_tiles=batch_tiles, seed=shuffle_seed, ssim_min_tissue=ssim_min_tissue
+    )
+    write_csv(table, out_csv)
+    return table
+
+
+def _read_ceiling(path, genes):
+    table = pd.read_csv(path)
+    missing = [c for c in ("gene", "ceiling_kind", *SCORES) if c not in table.columns]
+    if missing:
+        raise InputError(path, f"missing column(s) {missing}: not a ceiling table")
+    if list(table["gene"]) != list(genes):
+        raise InputError(path, "genes differ from the tile store's genes (order or names)")
+    return table
+
+
+def _stream(pred, tiles, perm, batch_tiles, ssim_min_tissue, source):
+    """Model and label-shuffle metrics, and per-tile sums, over tile batches (partners read by index)."""
+    counts, mask = tiles["counts"], tiles["mask"]
+    n_tiles, n_genes = counts.shape[:2]
+    gm_model, gm_null = _metrics(n_genes, ssim_min_tissue, source), _metrics(n_genes, ssim_min_tissue, source)
+    sums = {k: [] for k in SCALES}
+    for t0, t1 in _batches(n_tiles, batch_tiles):
+        y = torch.from_numpy(np.asarray(counts[t0:t1]))
+        m = torch.from_numpy(np.asarray(mask[t0:t1])).bool()
+        p = torch.from_numpy(np.asarray(pred[t0:t1]))
+        gm_model.update(p, y, m)
+        for k in SCALES:
+            sums[k].append(tile_sums(p, y, m, k))
+        partner = torch.from_numpy(np.stack([np.asarray(pred[int(i)]) for i in perm[t0:t1]]))
+        gm_null.update(partner, y, m)
+        log.info("evaluated tiles %d-%d of %d", t0, t1, n_tiles)
+    return gm_model, gm_null, {k: np.concatenate(v) for k, v in sums.items()}
 
 
 def evaluate(
@@ -309,6 +431,7 @@ def evaluate(
     out_dir,
     *,
     truth_zarr=None,
+    ceiling_csv=None,
     genes_csv=None,
     model=None,
     fold=None,
@@ -331,12 +454,17 @@ def evaluate(
     truth_zarr
         Ground truth of a simulated patient (noise ceiling from the true rates); ``None`` for real
         data (noise ceiling by split-half binomial thinning).
+    ceiling_csv
+        A ceiling table of this patient from :func:`evaluate_ceiling`; when given, the ceiling is
+        read from it instead of computed (it does not depend on the model).
     genes_csv
         Optional ``genes.csv``; its ``category`` column is copied into ``per_gene.csv``.
     model, fold
-        Names written into ``summary.json``; default: the two folders above ``pred_zarr``.
+        Names written into ``summary.json`` and ``per_gene.csv``; default: the store's attributes,
+        else the two folders above ``pred_zarr``.
     batch_tiles
-        Tiles per batch (memory: about ``3 * batch_tiles * G * 128 * 128 * 8`` bytes).
+        Tiles per batch (memory: a few ``batch_tiles * G * 128 * 128 * 8`` bytes; the pooled
+        Spearman keeps ``2 * tissue bins * G * 4`` bytes per set of metrics).
     shuffle_seed
         Seed of the label-shuffle derangement, the split-half thinning and the bootstrap.
     bootstrap
@@ -352,50 +480,53 @@ def evaluate(
     if int(batch_tiles) < 1:
         raise InputError("evaluation.batch_tiles", f"must be >= 1, got {batch_tiles}")
     tiles = open_tiles(tiles_zarr)
-    counts, mask = tiles["counts"], tiles["mask"]
-    pred = open_predictions(pred_zarr, counts.shape)
-    genes = list(tiles.attrs["genes"])
-    pred_genes = getattr(pred, "attrs", {}).get("genes")
-    if pred_genes is not None and list(pred_genes) != genes:
+    pred, attrs = open_predictions(pred_zarr, tiles["counts"].shape)
+    genes, sample = list(tiles.attrs["genes"]), tiles.attrs.get("sample")
+    if attrs.get("genes") is not None and list(attrs["genes"]) != genes:
         raise InputError(pred_zarr, "attribute 'genes' differs from the tile store's genes (order or names)")
-    n_tiles, n_genes = counts.shape[:2]
-    perm = M.shuffle_pairs(n_tiles, shuffle_seed)
-    origins = np.asarray(tiles["bin_origin"][:])
-    source = str(pred_zarr)
-    gm_model, gm_null = _metrics(n_genes, ssim_min_tissue, source), _metrics(n_genes, ssim_min_tissue, source)
-    gm_ceiling = _metrics(n_genes, ssim_min_tissue, str(truth_zarr or tiles_zarr))
-    sums = {k: [] for k in SCALES}
-    for t0, t1 in _batches(n_tiles, int(batch_tiles)):
-        y = torch.from_numpy(np.asarray(counts[t0:t1]))
-        m = torch.from_numpy(np.asarray(mask[t0:t1])).bool()
-        p = torch.from_numpy(np.asarray(pred[t0:t1]))
-        gm_model.update(p, y, m)
-        for k in SCALES:
-            sums[k].append(tile_sums(p, y, m, k))
-        partner = torch.from_numpy(np.stack([np.asarray(pred[int(i)]) for i in perm[t0:t1]]))
-        gm_null.update(partner, y, m)
-        gm_ceiling.update(*_ceiling_batch(y, origins[t0:t1], t0, truth_zarr, genes, shuffle_seed), m)
-        log.info("evaluated tiles %d-%d of %d", t0, t1, n_tiles)
-    ceiling = _table(gm_ceiling, genes)
-    if truth_zarr is None:
-        ceiling = M.correct_split_half(ceiling)
-    categories = _categories(genes_csv)
-    table = per_gene_table(_table(gm_model, genes), _table(gm_null, genes), ceiling, genes, categories)
-    sums = {k: np.concatenate(v) for k, v in sums.items()}
+    if attrs.get("sample") and sample and attrs["sample"] != sample:
+        raise InputError(pred_zarr, f"predicts sample {attrs['sample']!r} but the tile store is {sample!r}")
+    if ceiling_csv is not None:
+        ceiling = _read_ceiling(ceiling_csv, genes)
+    else:
+        ceiling = ceiling_table(
+            tiles_zarr,
+            truth_zarr=truth_zarr,
+            batch_tiles=batch_tiles,
+            seed=shuffle_seed,
+            ssim_min_tissue=ssim_min_tissue,
+        )
+    perm = M.shuffle_pairs(tiles["counts"].shape[0], shuffle_seed)
+    gm_model, gm_null, sums = _stream(pred, tiles, perm, int(batch_tiles), ssim_min_tissue, str(pred_zarr))
+    model = model or attrs.get("model") or pred_zarr.parent.parent.name
+    fold = fold or attrs.get("fold") or pred_zarr.parent.name
+    table = per_gene_table(
+        _table(gm_model, genes), _table(gm_null, genes), ceiling, genes, fold, _categories(genes_csv)
+    )
     per_tile = _per_tile_frame(genes, np.asarray(tiles["grid"][:]), gm_model.per_tile(), sums)
-    model = model or pred_zarr.parent.parent.name
-    fold = fold or pred_zarr.parent.name
     summary = {
         "model": model,
         "fold": fold,
-        "test_sample": tiles.attrs.get("sample"),
-        "n_tiles": n_tiles,
-        "n_genes": n_genes,
+        "test_sample": sample,
+        # scores of a ranking model are not counts: ratio and deviance do not apply to them
+        "relative_scores": bool(attrs.get("relative", False)),
+        "n_tiles": int(tiles["counts"].shape[0]),
+        "n_genes": len(genes),
         "n_tissue_bins": int(table["n_tissue_bins"].iloc[0]),
-        "protocol": _protocol(fold, tiles.attrs.get("sample"), truth_zarr is not None, shuffle_seed,
-                              int(batch_tiles), ssim_min_tissue, int(bootstrap)),
-        "mean_over_genes": {c: float(np.nanmean(table[c])) if table[c].notna().any() else None
-                            for c in table.columns if c not in ("gene", "category", "n_tissue_bins", "ssim_2um_pairs")},
+        "protocol": _protocol(
+            fold,
+            sample,
+            ceiling["ceiling_kind"].iloc[0],
+            shuffle_seed,
+            int(batch_tiles),
+            ssim_min_tissue,
+            int(bootstrap),
+        ),
+        "mean_over_genes": {
+            c: float(np.nanmean(table[c])) if table[c].notna().any() else None
+            for c in table.columns
+            if c not in ("fold", "gene", "category", "n_tissue_bins", "ssim_2um_pairs")
+        },
         "ci95": _bootstrap(per_tile, int(bootstrap), [shuffle_seed, 2]),
     }
     write_csv(table, out_dir / "per_gene.csv")

@@ -65,11 +65,6 @@ def inverse(x, v, axes=(-2, -1)):
     return np.ascontiguousarray(np.flip(x, axis=axes[1]) if flip else x)
 
 
-def apply_batch(x, views):
-    """Transform item i of a batch (first axis) by view ``views[i]``, on the last two axes."""
-    return torch.stack([apply(xi, int(v)) for xi, v in zip(x, views)])
-
-
 def resolve_device(device="auto"):
     """``"auto"`` -> cuda when available, else cpu."""
     if device == "auto":

@@ -28,6 +28,8 @@ Controls: :func:`shuffle_pairs` (label-shuffle null) and :func:`split_half_thinn
 (noise ceiling on real counts, corrected by :func:`correct_split_half`).
 """
 
+import functools
+
 import numpy as np
 import pandas as pd
 import torch
@@ -483,7 +485,7 @@ class GeneMetrics:
             self._scc = (f"scc_{native}", SpearmanAccumulator(n_genes), TileMetricAccumulator(n_genes, spearman_per_tile))
         self._ssim = None
         if ssim:
-            fn = lambda p, t, m: ssim_per_tile(p, t, m, min_tissue=min_tissue)  # noqa: E731
+            fn = functools.partial(ssim_per_tile, min_tissue=min_tissue)
             self._ssim = (f"ssim_{native}", TileMetricAccumulator(n_genes, fn))
         self._counts = CountAccumulator(n_genes)
 

@@ -20,7 +20,14 @@ from PIL import Image
 
 from .io import atomic_path
 
-POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+POSITION_COLUMNS = [
+    "barcode",
+    "in_tissue",
+    "array_row",
+    "array_col",
+    "pxl_row_in_fullres",
+    "pxl_col_in_fullres",
+]
 MATRIX_FILE = "filtered_feature_bc_matrix.h5"
 POSITIONS_FILE = "tissue_positions.parquet"
 SCALEFACTORS_FILE = "scalefactors_json.json"
@@ -28,6 +35,7 @@ HIRES_FILE = "tissue_hires_image.png"
 LOWRES_FILE = "tissue_lowres_image.png"
 H5_CHUNK = 1 << 18  # elements per HDF5 chunk of the growing matrix datasets
 BAND_BINS = 1 << 20  # about this many fine bins are pooled and written at a time
+BARCODE_CHARS = 21  # len("s_002um_00000_00000-1"), the same for every bin size
 
 
 def bin_folder(bin_um):
@@ -145,7 +153,9 @@ def write_sample(
     counts = sp.csr_matrix(counts)
     in_tissue = np.asarray(in_tissue, dtype=bool).ravel()
     if counts.shape[0] != n_bins or in_tissue.size != n_bins:
-        raise ValueError(f"counts has {counts.shape[0]} rows and in_tissue {in_tissue.size}; grid needs {n_bins}")
+        raise ValueError(
+            f"counts has {counts.shape[0]} rows and in_tissue {in_tissue.size}; grid needs {n_bins}"
+        )
     if not (len(gene_ids) == len(gene_names) == counts.shape[1]):
         raise ValueError("gene_ids, gene_names and the columns of counts differ in length")
     if any(int(b) < 2 or int(b) % 2 for b in bin_sizes) or 2 not in bin_sizes:
@@ -228,7 +238,14 @@ def _write_bins(folder, bin_um, counts, in_tissue, n_rows, n_cols, A, gene_ids, 
             # A coarse bin's centre is the mean of its (full-block) children's centres.
             x, y = bin_centres(A, k * rows + (k - 1) / 2, k * cols + (k - 1) / 2)
             table = pa.table(
-                [codes.astype(str), tissue.astype(np.int32), rows.astype(np.int32), cols.astype(np.int32), y, x],
+                [
+                    codes.astype(str),
+                    tissue.astype(np.int32),
+                    rows.astype(np.int32),
+                    cols.astype(np.int32),
+                    y,
+                    x,
+                ],
                 schema=schema,
             )
             positions.write_table(table)
@@ -247,7 +264,10 @@ def _pool_band(counts, in_tissue, n_rows, n_cols, k, r0, r1):
     fr, fc = np.divmod(np.arange(fine.shape[0]), n_cols)
     target = (fr // k) * cols_b + fc // k  # coarse bin (within the band) of each fine bin
     n_coarse = (r1 - r0) * cols_b
-    pool = sp.csr_matrix((np.ones(target.size, dtype=counts.dtype), (target, np.arange(target.size))), shape=(n_coarse, target.size))
+    pool = sp.csr_matrix(
+        (np.ones(target.size, dtype=counts.dtype), (target, np.arange(target.size))),
+        shape=(n_coarse, target.size),
+    )
     tissue = np.bincount(target, weights=fine_tissue, minlength=n_coarse) > 0
     return (pool @ fine).tocsr(), tissue
 
@@ -259,16 +279,24 @@ def _open_matrix(h5, gene_ids, gene_names):
     group = h5.create_group("matrix")
     opts = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
     matrix = {
-        "barcodes": group.create_dataset("barcodes", shape=(0,), maxshape=(None,), dtype="S21", chunks=(H5_CHUNK,), **opts),
-        "data": group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(H5_CHUNK,), **opts),
-        "indices": group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(H5_CHUNK,), **opts),
-        "indptr": group.create_dataset("indptr", data=np.zeros(1, dtype=np.int64), maxshape=(None,), chunks=(H5_CHUNK,), **opts),
+        "barcodes": group.create_dataset(
+            "barcodes", shape=(0,), maxshape=(None,), dtype=f"S{BARCODE_CHARS}", chunks=(H5_CHUNK,), **opts
+        ),
+        "data": group.create_dataset(
+            "data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(H5_CHUNK,), **opts
+        ),
+        "indices": group.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(H5_CHUNK,), **opts
+        ),
+        "indptr": group.create_dataset(
+            "indptr", data=np.zeros(1, dtype=np.int64), maxshape=(None,), chunks=(H5_CHUNK,), **opts
+        ),
         "shape": group.create_dataset("shape", data=np.array([len(gene_ids), 0], dtype=np.int32)),
     }
     features = group.create_group("features")
     n = len(gene_ids)
-    features.create_dataset("id", data=np.array(gene_ids, dtype="S"))
-    features.create_dataset("name", data=np.array(gene_names, dtype="S"))
+    features.create_dataset("id", data=np.array([str(g).encode() for g in gene_ids]))
+    features.create_dataset("name", data=np.array([str(g).encode() for g in gene_names]))
     features.create_dataset("feature_type", data=np.array(["Gene Expression"] * n, dtype="S"))
     features.create_dataset("genome", data=np.array(["synthetic"] * n, dtype="S"))
     features.create_dataset("_all_tag_keys", data=np.array(["genome"], dtype="S"))

@@ -26,7 +26,9 @@ ROW_BLOCK = 1 << 19  # bins of the 2 um table read at a time
 BACKGROUND = 255  # image fill outside the slide (white glass)
 
 
-def tile_sample(sdata_zarr, genes_csv, out_zarr, *, tile_bins=128, image_px=224, min_tissue_fraction=0.5, dataset_id=None):
+def tile_sample(
+    sdata_zarr, genes_csv, out_zarr, *, tile_bins=128, image_px=224, min_tissue_fraction=0.5, dataset_id=None
+):
     """Write the tile store of one ingested sample.
 
     Parameters
@@ -53,23 +55,22 @@ def tile_sample(sdata_zarr, genes_csv, out_zarr, *, tile_bins=128, image_px=224,
     """
     import zarr
 
-    table = zarr.open_group(Path(sdata_zarr) / "tables" / TABLE, mode="r") if _has_table(sdata_zarr) else None
-    if table is None:
-        raise InputError(sdata_zarr, f"no table {TABLE!r}")
+    table = _open_table(sdata_zarr)
     genes = read_gene_list(genes_csv)
-    bins = read_bins(table)
-    dataset_id = dataset_id or _dataset_id(bins)
+    bins = read_bins(table, sdata_zarr)
+    dataset_id = dataset_id or _dataset_id(bins, sdata_zarr)
     A = fit_bin_to_pixel(bins["array_row"], bins["array_col"], bins["y"], bins["x"])
-    grid_shape = (-(-(int(bins["array_row"].max()) + 1) // tile_bins), -(-(int(bins["array_col"].max()) + 1) // tile_bins))
-    tile_of_bin = (bins["array_row"] // tile_bins) * grid_shape[1] + bins["array_col"] // tile_bins
-    fraction = np.bincount(tile_of_bin, weights=bins["in_tissue"], minlength=grid_shape[0] * grid_shape[1]) / tile_bins**2
+    grid_shape, tile_of_bin, fraction = tissue_fractions(bins, tile_bins)
     kept = np.flatnonzero(fraction >= min_tissue_fraction)
     if kept.size == 0:
-        raise InputError(sdata_zarr, f"no tile has a tissue fraction >= {min_tissue_fraction} (max {fraction.max():.3f})")
+        fault = f"no tile has a tissue fraction >= {min_tissue_fraction} (max {fraction.max():.3f})"
+        raise InputError(sdata_zarr, fault)
+    columns = _gene_columns(table, genes, genes_csv, sdata_zarr)
+    nonzeros = gather_counts(table, columns, bins, tile_bins, grid_shape)
+    tissue_bins = _tissue_bins_by_tile(bins, tile_of_bin)
+    image = _full_image(sdata_zarr, dataset_id)
     grid = np.column_stack(np.divmod(kept, grid_shape[1])).astype(np.int32)
     origin = grid * tile_bins
-    nonzeros = gather_counts(table, _gene_columns(table, genes, genes_csv, sdata_zarr), bins, tile_bins, grid_shape)
-    image = _full_image(sdata_zarr, dataset_id)
 
     with atomic_path(out_zarr) as tmp:
         store = zarr.open_group(tmp, mode="w", zarr_format=3)
@@ -83,24 +84,53 @@ def tile_sample(sdata_zarr, genes_csv, out_zarr, *, tile_bins=128, image_px=224,
             bin_to_pixel=A.tolist(),
             grid_shape=[int(s) for s in grid_shape],
         )
-        T, G = kept.size, len(genes)
-        images = store.create_array("images", shape=(T, image_px, image_px, 3), chunks=(1, image_px, image_px, 3), dtype="uint8")
-        counts = store.create_array("counts", shape=(T, G, tile_bins, tile_bins), chunks=(1, G, tile_bins, tile_bins), dtype="int32")
-        mask = store.create_array("mask", shape=(T, tile_bins, tile_bins), chunks=(1, tile_bins, tile_bins), dtype="bool")
         store.create_array("grid", data=grid)
         store.create_array("bin_origin", data=origin.astype(np.int32))
-        store.create_array("pixel_box", data=np.stack([tile_corners(A, r0, c0, tile_bins) for r0, c0 in origin]))
-        tissue_bins = _tissue_bins_by_tile(bins, tile_of_bin)
-        for t, tile in enumerate(kept):
+        corners = np.stack([tile_corners(A, r0, c0, tile_bins) for r0, c0 in origin])
+        store.create_array("pixel_box", data=corners)
+        images, counts, mask = _create_tile_arrays(store, kept.size, len(genes), tile_bins, image_px)
+        for t, tile in enumerate(kept):  # tile by tile: one tile in memory at a time
             r0, c0 = origin[t]
-            counts[t] = nonzeros.tile(tile, G)
+            counts[t] = nonzeros.tile(tile, len(genes))
             mask[t] = _tile_mask(bins, tissue_bins(tile), r0, c0, tile_bins)
             images[t] = tile_image(image, A, r0, c0, tile_bins, image_px)
     return int(kept.size)
 
 
-def _has_table(sdata_zarr):
-    return (Path(sdata_zarr) / "tables" / TABLE).is_dir()
+def tissue_fractions(bins, tile_bins):
+    """Tile grid shape, tile index of every bin, and tissue fraction of every tile (row-major).
+
+    The grid starts at bin (0, 0) and ends with the tile holding the last bin of the table; bins
+    outside the array count as not tissue.
+    """
+    grid_shape = tuple(-(-(int(bins[key].max()) + 1) // tile_bins) for key in ("array_row", "array_col"))
+    tile_of_bin = (bins["array_row"] // tile_bins) * grid_shape[1] + bins["array_col"] // tile_bins
+    n_tiles = grid_shape[0] * grid_shape[1]
+    fraction = np.bincount(tile_of_bin, weights=bins["in_tissue"] > 0, minlength=n_tiles) / tile_bins**2
+    return grid_shape, tile_of_bin, fraction
+
+
+def _create_tile_arrays(store, n_tiles, n_genes, tile_bins, image_px):
+    """The per-tile arrays, one chunk per tile (written tile by tile, read tile by tile)."""
+    shapes = {
+        "images": ((n_tiles, image_px, image_px, 3), "uint8"),
+        "counts": ((n_tiles, n_genes, tile_bins, tile_bins), "int32"),
+        "mask": ((n_tiles, tile_bins, tile_bins), "bool"),
+    }
+    return [
+        store.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype)
+        for name, (shape, dtype) in shapes.items()
+    ]
+
+
+def _open_table(sdata_zarr):
+    """The 2 um table's zarr group (an AnnData element): its matrix is streamed, not loaded."""
+    import zarr
+
+    path = Path(sdata_zarr) / "tables" / TABLE
+    if not path.is_dir():
+        raise InputError(sdata_zarr, f"no table {TABLE!r} (is it a store written by 'ingest'?)")
+    return zarr.open_group(path, mode="r")
 
 
 def read_gene_list(genes_csv):
@@ -114,23 +144,28 @@ def read_gene_list(genes_csv):
     return genes
 
 
-def read_bins(table):
+def read_bins(table, sdata_zarr):
     """Bin grid positions, tissue flags, pixel centres and region of a 2 um table (zarr group)."""
     import anndata as ad
 
     # Column by column: the obs index (one Python string per bin) would cost ~1 GB on 10M bins.
     obs = table["obs"]
-    columns = {key: np.asarray(ad.io.read_elem(obs[key])).astype(np.int64) for key in ("array_row", "array_col", "in_tissue")}
+    columns = {
+        key: np.asarray(ad.io.read_elem(obs[key])).astype(np.int64)
+        for key in ("array_row", "array_col", "in_tissue")
+    }
     xy = np.asarray(ad.io.read_elem(table["obsm/spatial"]), dtype=np.float64)
+    if len(xy) == 0:
+        raise InputError(sdata_zarr, f"table {TABLE!r} has no bins")
     region = ad.io.read_elem(obs["region"]).categories if "region" in obs else []
     return {**columns, "x": xy[:, 0], "y": xy[:, 1], "region": region[0] if len(region) == 1 else None}
 
 
-def _dataset_id(bins):
+def _dataset_id(bins, sdata_zarr):
     region = bins["region"]
     suffix = f"_{TABLE}"
     if not region or not str(region).endswith(suffix):
-        raise InputError(TABLE, "cannot infer the dataset id from obs['region']: pass dataset_id")
+        raise InputError(sdata_zarr, "cannot infer the dataset id from obs['region']: pass dataset_id")
     return str(region)[: -len(suffix)]
 
 
@@ -140,7 +175,9 @@ def _gene_columns(table, genes, genes_csv, sdata_zarr):
     var_names = pd.Index(ad.io.read_elem(table["var"]).index.astype(str))
     missing = [g for g in genes if g not in var_names]
     if missing:
-        raise InputError(genes_csv, f"{len(missing)} genes not in the table of {sdata_zarr}, e.g. {missing[0]!r}")
+        raise InputError(
+            genes_csv, f"{len(missing)} genes not in the table of {sdata_zarr}, e.g. {missing[0]!r}"
+        )
     return var_names.get_indexer(genes)
 
 
@@ -179,7 +216,7 @@ def gather_counts(table, columns, bins, tile_bins, grid_shape):
                 np.rint(block.data).astype(np.int32),  # the reader stores counts as float32
             )
         )
-    tile, gene, pos, value = (np.concatenate(p) for p in zip(*parts, strict=True)) if parts else [np.zeros(0, np.int32)] * 4
+    tile, gene, pos, value = (np.concatenate(p) for p in zip(*parts, strict=True))
     return TileCounts(tile, gene, pos, value, tile_bins)
 
 
@@ -234,7 +271,9 @@ def tile_image(levels, A, r0, c0, tile_bins, image_px):
     x = A[0, 0] * rows + A[0, 1] * cols + A[0, 2]
     y = A[1, 0] * rows + A[1, 1] * cols + A[1, 2]
     out_px = step * np.sqrt(abs(np.linalg.det(A[:, :2])))  # full-res pixels per output pixel
-    array, sy, sx = max((lvl for lvl in levels if max(lvl[1], lvl[2]) <= max(out_px, 1.0)), key=lambda lvl: lvl[1])
+    array, sy, sx = max(
+        (lvl for lvl in levels if max(lvl[1], lvl[2]) <= max(out_px, 1.0)), key=lambda lvl: lvl[1]
+    )
     yi, xi = y / sy - 0.5, x / sx - 0.5  # continuous array indices at this level
     i0, j0 = max(int(np.floor(yi.min())) - 1, 0), max(int(np.floor(xi.min())) - 1, 0)
     i1, j1 = min(int(np.ceil(yi.max())) + 2, array.shape[1]), min(int(np.ceil(xi.max())) + 2, array.shape[2])
@@ -242,5 +281,8 @@ def tile_image(levels, A, r0, c0, tile_bins, image_px):
         return np.full((image_px, image_px, 3), BACKGROUND, dtype=np.uint8)
     window = np.asarray(array[:, i0:i1, j0:j1].values, dtype=np.float32)
     coords = np.stack([yi - i0, xi - j0])
-    out = np.stack([ndimage.map_coordinates(ch, coords, order=1, mode="constant", cval=BACKGROUND) for ch in window[:3]], axis=-1)
+    out = np.stack(
+        [ndimage.map_coordinates(ch, coords, order=1, mode="constant", cval=BACKGROUND) for ch in window[:3]],
+        axis=-1,
+    )
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -18,8 +18,17 @@ stop() {  # stop PIDFILE: TERM, wait up to 10 s, then KILL
     rm -f "$pidfile"
 }
 
+# Cancel what is still queued or running on this cluster (its jobs outlive slurmd otherwise).
+if [ -s "$run/slurmctld.pid" ] && kill -0 "$(cat "$run/slurmctld.pid")" 2>/dev/null; then
+    SLURM_CONF="$run/slurm.conf" timeout 10 scancel --user="$(id -un)" 2>/dev/null
+    sleep 1
+fi
 # Compute daemon first, then controller, then munge (both need it to shut down cleanly).
 stop "$run/slurmd.pid"
 stop "$run/slurmctld.pid"
 stop "$run/munge/munged.pid"
+# The symlink start_cluster.sh made at the standard path, if it is still ours.
+if [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$run/slurm.conf" ]; then
+    rm -f /etc/slurm/slurm.conf
+fi
 echo "stop_cluster.sh: stopped the cluster in $run"

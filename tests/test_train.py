@@ -1,0 +1,309 @@
+"""Training on tiny real data (tile stores + a tiny real timm encoder's feature cache), on the CPU."""
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+from test_features import TINY_ENCODER, write_tile_store
+
+from sparsitytrap.errors import InputError
+from sparsitytrap.features import cache_features
+from sparsitytrap.predict import load_model
+from sparsitytrap.train import LOG_COLUMNS, lr_factor, split_samples, train
+
+TILES = {"P1": 4, "P2": 4, "P3": 3}
+BINS = 32  # tiles of 32 x 32 bins keep the CPU tests fast; one test runs the real 128
+STABLE = [c for c in LOG_COLUMNS if c != "seconds"]  # everything but wall time
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Three samples: tile stores and their feature caches in the `results` layout."""
+    results = tmp_path_factory.mktemp("results")
+    for i, (sid, n) in enumerate(TILES.items()):
+        tiles = write_tile_store(
+            results / "tiles" / f"{sid}.zarr", n_tiles=n, n_genes=4, seed=i, sample=sid, grid_cols=4, tile_bins=BINS
+        )
+        cache_features(tiles, TINY_ENCODER, results / "features" / "tiny" / f"{sid}.zarr", device="cpu")
+    return results
+
+
+def make_config(results, **training):
+    t = {
+        "epochs": 3,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 1,
+        "patience": 5,
+        "clip_grad_norm": 1.0,
+        "seed": 0,
+        "val_fraction": 0.25,
+        "val_block_tiles": 2,
+        "augment": {"dihedral": True, "color_jitter": False},
+        "device": "cpu",
+        "precision": "bf16",
+        "num_workers": 0,
+    }
+    t.update(training)
+    return {
+        "results": str(results),
+        "samples": {sid: {"simulate": {"seed": i}} for i, sid in enumerate(TILES)},
+        "encoder": "tiny",
+        "encoders": {"tiny": {k: v for k, v in TINY_ENCODER.items() if k != "name"}},
+        "training": t,
+        "decoders": {
+            "hist2st": {"hidden": 16, "n_transformer_layers": 1, "n_heads": 2, "ff_dim": 32, "n_graph_layers": 1, "k": 4, "dropout": 0.1},
+            "img2st": {"width": 16},
+        },
+        "models": {
+            "E": {"decoder": "hist2st", "loss": {"name": "poisson"}},
+            "D": {"decoder": "hist2st", "loss": {"name": "mse"}},
+            "G": {"decoder": "img2st", "loss": {"name": "mse"}},
+            "V7": {"decoder": "hist2st", "loss": {"name": "multiscale", "base": "poisson", "scales": [1, 2, 4, 8], "balance": "gradnorm", "alpha": 1.5}},
+            "S": {"decoder": "hist2st", "loss": {"name": "strank_list", "list_scope": "tile"}},
+        },
+        "folds": "loo",
+    }
+
+
+def read_log(out):
+    return pd.read_csv(out / "log.csv")
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_file(str(a / "best.safetensors")), load_file(str(b / "best.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight_run(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "E" / "test-P3"
+    result = train(make_config(cohort), "E", "test-P3", out)
+    return out, result
+
+
+def test_outputs_and_first_epoch_lr(straight_run):
+    out, result = straight_run
+    assert result["finished"] and result["epochs_run"] == 3
+    for name in ("checkpoint.pt", "log.csv", "best.safetensors", "metrics_val.json", "predictions.zarr", "predictions_sdata.zarr"):
+        assert (out / name).exists(), name
+    assert sorted(result["files"]) == sorted(p.name for p in out.iterdir())  # nothing else, no temporaries
+    log = read_log(out)
+    assert list(log.columns) == LOG_COLUMNS and list(log.epoch) == [1, 2, 3]
+    assert np.isfinite(log[["train_loss", "val_loss", "val_pcc_2um", "val_pcc_8um"]].to_numpy()).all()
+    # P1 and P2 train: 4 tiles each, one 2x2 validation block of 2 tiles each -> 2 training
+    # tiles each, batches of 2: 2 optimizer steps per epoch, warm-up over the first 2 steps.
+    assert log.lr_first[0] == pytest.approx(1e-3 / 2)  # the first step already learns
+    assert log.lr_last[0] == pytest.approx(1e-3)
+    assert 0 < log.lr_last[2] < log.lr_first[1]  # cosine decay, still > 0 at the end
+    metrics = json.loads((out / "metrics_val.json").read_text())
+    best = log.val_loss.idxmin()
+    assert metrics["best_epoch"] == log.epoch[best]
+    assert metrics["val_loss"] == pytest.approx(log.val_loss[best])
+    assert metrics["train_tiles"] == 4 and metrics["val_tiles"] == 4
+    assert set(metrics["samples"]) == {"P1", "P2"}  # the test sample is not among them
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 4, 20) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 20) == pytest.approx(1.0)
+    assert 0 < lr_factor(19, 4, 20) < 0.02
+    assert lr_factor(0, 0, 20) == pytest.approx(1.0)
+
+
+def test_same_seed_same_run(cohort, straight_run, tmp_path):
+    out, _ = straight_run
+    again = tmp_path / "E" / "test-P3"
+    train(make_config(cohort), "E", "test-P3", again)
+    pd.testing.assert_frame_equal(read_log(out)[STABLE], read_log(again)[STABLE])
+    assert_same_weights(out, again)
+    a = zarr.open_group(str(out / "predictions.zarr"), mode="r")["rates"][:]
+    b = zarr.open_group(str(again / "predictions.zarr"), mode="r")["rates"][:]
+    assert np.array_equal(a, b)
+    # another seed gives another run (the test can fail)
+    other = tmp_path / "seed1"
+    train(make_config(cohort, seed=1, epochs=1), "E", "test-P3", other)
+    assert read_log(out).train_loss[0] != read_log(other).train_loss[0]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_gives_identical_results(cohort, straight_run, tmp_path):
+    out, _ = straight_run
+    resumed = tmp_path / "E" / "test-P3"
+
+    def kill_after_epoch_1(epoch, row):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(make_config(cohort), "E", "test-P3", resumed, on_epoch_end=kill_after_epoch_1)
+    assert len(read_log(resumed)) == 1 and not (resumed / "best.safetensors").exists()
+    # a second interruption, by the run limit, then the end
+    partial = train(make_config(cohort), "E", "test-P3", resumed, max_epochs_this_run=1)
+    assert not partial["finished"] and len(read_log(resumed)) == 2
+    train(make_config(cohort), "E", "test-P3", resumed)
+    pd.testing.assert_frame_equal(read_log(out)[STABLE], read_log(resumed)[STABLE])
+    assert_same_weights(out, resumed)
+    ck = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["epoch"] == 3
+
+
+@pytest.mark.parametrize("model", ["V7", "P"])
+def test_resume_restores_gradnorm_and_loss_generators(cohort, tmp_path, model):
+    # V7: GradNorm weights, initial losses and their Adam state; P: STRank pair partners' generator
+    config = make_config(cohort, epochs=2)
+    config["models"]["P"] = {"decoder": "hist2st", "loss": {"name": "strank_pair"}}
+    train(config, model, "test-P3", tmp_path / "straight")
+    train(config, model, "test-P3", tmp_path / "resumed", max_epochs_this_run=1)
+    train(config, model, "test-P3", tmp_path / "resumed")
+    pd.testing.assert_frame_equal(read_log(tmp_path / "straight")[STABLE], read_log(tmp_path / "resumed")[STABLE])
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+    if model == "V7":
+        ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+        weights = ck["loss"]["_extra_state"]["weights"]
+        assert weights.sum() == pytest.approx(4.0) and not torch.allclose(weights, torch.ones(4))  # they moved
+
+
+def test_checkpoint_of_another_config_is_not_resumed(cohort, tmp_path):
+    out = tmp_path / "run"
+    train(make_config(cohort, epochs=1), "E", "test-P3", out, max_epochs_this_run=1)
+    result = train(make_config(cohort, epochs=2, lr=5e-4), "E", "test-P3", out)
+    assert result["epochs_run"] == 2 and read_log(out).lr_first[0] == pytest.approx(5e-4 / 2)
+
+
+def test_test_sample_is_never_read(cohort, tmp_path):
+    missing = {"P3": tmp_path / "nowhere" / "P3.zarr"}
+    out = tmp_path / "run"
+    # training finishes without the test sample; only the prediction step asks for it
+    with pytest.raises(InputError, match="nowhere"):
+        train(make_config(cohort, epochs=1), "E", "test-P3", out, tiles={**_tiles(cohort), **missing}, features=missing)
+    assert (out / "best.safetensors").exists() and (out / "metrics_val.json").exists()
+    train_set, val_set, _ = split_samples([cohort / "tiles" / "P1.zarr"], [cohort / "features" / "tiny" / "P1.zarr"], 0.25, 2, 0)
+    assert all("P3" not in p for p in train_set.paths + val_set.paths)
+
+
+def _tiles(results):
+    return {sid: results / "tiles" / f"{sid}.zarr" for sid in TILES}
+
+
+def test_early_stopping_stops(cohort, tmp_path):
+    # lr 0: the validation loss never improves after epoch 1, patience 2 -> 3 epochs of 10
+    out = tmp_path / "run"
+    result = train(make_config(cohort, epochs=10, patience=2, lr=0.0), "E", "test-P3", out)
+    assert result["stopped_early"] and result["epochs_run"] == 3 and result["best_epoch"] == 1
+    assert list(read_log(out).best) == [True, False, False]
+
+
+def test_predictions_follow_the_tile_store(straight_run, cohort):
+    out, _ = straight_run
+    pred = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    rates = pred["rates"]
+    tiles = zarr.open_group(str(cohort / "tiles" / "P3.zarr"), mode="r")
+    assert rates.shape == (3, 4, BINS, BINS) and rates.dtype == np.float16 and rates.chunks == (1, 4, BINS, BINS)
+    assert pred.attrs["genes"] == tiles.attrs["genes"] and pred.attrs["fold"] == "test-P3" and pred.attrs["sample"] == "P3"
+    model, meta = load_model(out / "best.safetensors")
+    tokens = zarr.open_group(str(cohort / "features" / "tiny" / "P3.zarr"), mode="r")["tokens"]
+    with torch.no_grad():
+        for t in (2, 0):  # tile t of the store, identity view
+            direct = torch.exp(model(torch.from_numpy(tokens[t : t + 1, 0].astype(np.float32)))).numpy()[0]
+            np.testing.assert_allclose(rates[t].astype(np.float32), direct, rtol=2e-3, atol=1e-5)
+
+
+def test_predictions_with_tta_average_the_eight_views(straight_run, cohort, tmp_path):
+    from sparsitytrap.features import inverse
+    from sparsitytrap.predict import write_predictions
+
+    out, _ = straight_run
+    feats = cohort / "features" / "tiny" / "P3.zarr"
+    write_predictions(out / "best.safetensors", cohort / "tiles" / "P3.zarr", tmp_path / "tta.zarr", features=feats, tta=True, device="cpu")
+    pred = zarr.open_group(str(tmp_path / "tta.zarr"), mode="r")
+    assert pred.attrs["tta"] is True
+    model, _ = load_model(out / "best.safetensors")
+    tokens = zarr.open_group(str(feats), mode="r")["tokens"]
+    with torch.no_grad():
+        views = [inverse(torch.exp(model(torch.from_numpy(tokens[1:2, v].astype(np.float32)))), v) for v in range(8)]
+    expected = torch.stack(views).mean(0)[0].numpy()
+    np.testing.assert_allclose(pred["rates"][1].astype(np.float32), expected, rtol=2e-3, atol=1e-5)
+
+
+def test_predictions_sdata_overlays_the_bins(straight_run, cohort):
+    import spatialdata
+
+    out, _ = straight_run
+    sdata = spatialdata.read_zarr(out / "predictions_sdata.zarr")
+    table = sdata.tables["predictions"]
+    tiles = zarr.open_group(str(cohort / "tiles" / "P3.zarr"), mode="r")
+    mask, origin = tiles["mask"][:], tiles["bin_origin"][:]
+    rates = zarr.open_group(str(out / "predictions.zarr"), mode="r")["rates"][:]
+    assert table.shape == (mask.sum(), 4) and list(table.var_names) == tiles.attrs["genes"]
+    row = table.obs.iloc[-1]
+    t, i, j = int(row.tile), int(row.array_row) - origin[int(row.tile), 0], int(row.array_col) - origin[int(row.tile), 1]
+    assert mask[t, i, j]
+    np.testing.assert_array_equal(table.X[-1], rates[t, :, i, j].astype(np.float32))
+    x, y = table.obsm["spatial"][-1]
+    assert (x, y) == (row.array_col * 4.0 + 2.0, row.array_row * 4.0 + 2.0)  # the store's bin_to_pixel
+    shapes = sdata.shapes["P3_predicted_002um"]
+    assert len(shapes) == len(table) and "P3" in spatialdata.transformations.get_transformation(shapes, get_all=True)
+    assert shapes.geometry.iloc[-1].area == pytest.approx(16.0)  # a 2 um square is 4 x 4 px here
+    assert shapes.geometry.iloc[-1].centroid.x == pytest.approx(x)
+
+
+@pytest.fixture(scope="module")
+def two_tiles(tmp_path_factory):
+    """P1 with two tiles of the real size, 128 x 128 bins, and P2 (one tile) to predict."""
+    root = tmp_path_factory.mktemp("two_tiles")
+    tiles, features = {}, {}
+    for i, (sid, n) in enumerate({"P1": 2, "P2": 1}.items()):
+        tiles[sid] = write_tile_store(root / f"{sid}.zarr", n_tiles=n, n_genes=4, seed=5 + i, sample=sid, grid_cols=2)
+        features[sid] = root / f"{sid}_features.zarr"
+        cache_features(tiles[sid], TINY_ENCODER, features[sid], device="cpu")
+    return tiles, features
+
+
+@pytest.mark.parametrize("model", ["E", "D", "G", "V7", "S"])
+def test_each_loss_family_trains(cohort, two_tiles, tmp_path, model):
+    # two tiles of P1 (one trains, one validates) for 2 epochs; test sample P2
+    config = make_config(cohort, epochs=2)
+    config["samples"] = {"P1": {}, "P2": {}}
+    out = tmp_path / model
+    result = train(config, model, "test-P2", out, tiles=two_tiles[0], features=two_tiles[1])
+    assert result["epochs_run"] == 2 and result["train_tiles"] == 1 and result["val_tiles"] == 1
+    log = read_log(out)
+    assert np.isfinite(log[["train_loss", "val_loss"]].to_numpy()).all()
+    rates = zarr.open_group(str(out / "predictions.zarr"), mode="r")["rates"][:]
+    assert rates.shape == (1, 4, 128, 128) and np.isfinite(rates).all() and (rates >= 0).all()
+    if model == "S":
+        assert zarr.open_group(str(out / "predictions.zarr"), mode="r").attrs["relative"]
+
+
+def test_color_jitter_encodes_on_the_fly(cohort, tmp_path):
+    config = make_config(cohort, epochs=1, augment={"dihedral": True, "color_jitter": True})
+    out = tmp_path / "run"
+    # no feature cache at all: the frozen encoder runs in the loop
+    nowhere = {sid: tmp_path / "no_features" / f"{sid}.zarr" for sid in TILES}
+    result = train(config, "E", "test-P3", out, features=nowhere)
+    assert result["finished"] and np.isfinite(read_log(out).train_loss).all()
+    again = tmp_path / "again"
+    train(config, "E", "test-P3", again, features=nowhere)
+    pd.testing.assert_frame_equal(read_log(out)[STABLE], read_log(again)[STABLE])
+
+
+def test_bad_inputs(cohort, tmp_path):
+    with pytest.raises(InputError, match="fold"):
+        train(make_config(cohort), "E", "test-P9", tmp_path / "x")
+    bad = copy.deepcopy(make_config(cohort))
+    with pytest.raises(InputError, match="P1.zarr"):
+        train(bad, "E", "test-P3", tmp_path / "y", features={"P1": tmp_path / "P1.zarr"})
