@@ -15,7 +15,9 @@ from .errors import InputError
 def _simulate(a):
     from .simulate import simulate_patient
 
-    params = {"preset": a.preset, "microns_per_pixel": a.microns_per_pixel}
+    params = {"preset": a.preset}
+    if a.microns_per_pixel is not None:
+        params["microns_per_pixel"] = a.microns_per_pixel
     for key in ("seed", "n_rows", "n_cols", "capture_efficiency"):
         if getattr(a, key) is not None:
             params[key] = getattr(a, key)
@@ -56,10 +58,10 @@ def _features(a):
 
 
 def _train(a):
-    from .train import train
+    from .train import fit
 
     cfg = stconfig.load(a.config)
-    train(stconfig.model_config(cfg, a.model), tiles=a.tiles, features=a.features, out_dir=a.out)
+    fit(stconfig.model_config(cfg, a.model), a.tiles, a.features, a.out, encoder_cfg=stconfig.encoder_config(cfg))
 
 
 def _predict(a):
@@ -67,13 +69,20 @@ def _predict(a):
 
     cfg = stconfig.load(a.config)
     predict(stconfig.model_config(cfg, a.model), weights=a.weights, tiles=a.tiles, features=a.features,
-            out_pred=a.out, out_sdata=a.out_sdata)
+            out_pred=a.out, out_sdata=a.out_sdata, encoder_cfg=stconfig.encoder_config(cfg))
 
 
 def _evaluate(a):
     from .evaluate import evaluate
 
-    evaluate(a.predictions, a.tiles, a.out, truth_zarr=a.truth, batch_tiles=a.batch_tiles)
+    evaluate(a.predictions, a.tiles, a.out, truth_zarr=a.truth, ceiling_csv=a.ceiling, genes_csv=a.genes,
+             batch_tiles=a.batch_tiles, bootstrap=a.bootstrap)
+
+
+def _stats(a):
+    from .stats import run_comparison
+
+    run_comparison(a.a, a.b, a.out, names=(a.name_a, a.name_b), n_boot=a.bootstrap)
 
 
 def _check_config(a):
@@ -93,7 +102,7 @@ def parser():
     s.add_argument("--n-rows", type=int)
     s.add_argument("--n-cols", type=int)
     s.add_argument("--capture-efficiency", type=float)
-    s.add_argument("--microns-per-pixel", type=float, default=0.5)
+    s.add_argument("--microns-per-pixel", type=float, help="H&E scale (default 0.48: off the bin grid)")
     s.set_defaults(func=_simulate)
 
     s = sub.add_parser("validate", help="check a Space Ranger Visium HD folder before ingestion")
@@ -157,9 +166,21 @@ def parser():
     s.add_argument("predictions")
     s.add_argument("tiles")
     s.add_argument("--truth")
+    s.add_argument("--ceiling", help="ceiling table from a previous run (skips recomputing it)")
+    s.add_argument("--genes", help="genes.csv, for the category column")
     s.add_argument("--batch-tiles", type=int, default=4)
+    s.add_argument("--bootstrap", type=int, default=1000)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("stats", help="compare two models over folds: tables S1-S3 and a summary")
+    s.add_argument("--a", nargs="+", required=True, help="evaluation folders of model A, one per fold")
+    s.add_argument("--b", nargs="+", required=True, help="evaluation folders of model B, same folds")
+    s.add_argument("--name-a", default="A")
+    s.add_argument("--name-b", default="B")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_stats)
 
     s = sub.add_parser("check-config", help="validate a config file and list its samples, models and folds")
     s.add_argument("config", nargs="?", default="config.yaml")

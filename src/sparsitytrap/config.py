@@ -26,6 +26,10 @@ def _fill_defaults(schema, value):
     for name, sub in schema.get("properties", {}).items():
         if name not in value and "default" in sub:
             value[name] = copy.deepcopy(sub["default"])
+        elif name not in value and sub.get("type") == "object" and "additionalProperties" in sub:
+            # an absent section (e.g. `stats:`) gets its own defaults; maps such as `samples` do not
+            if any("default" in p for p in sub.get("properties", {}).values()):
+                value[name] = {}
         if name in value:
             _fill_defaults(sub, value[name])
 
@@ -60,6 +64,11 @@ def _check_references(config, source):
     if ms and ms not in models:
         raise InputError(f"{source}: figures.multiscale_model", f"model {ms!r} is not declared under models")
     folds = config.get("folds", "loo")
+    drawn = config.get("figures", {}).get("folds", "all")
+    if drawn != "all":
+        for name in drawn:
+            if name not in fold_names(config):
+                raise InputError(f"{source}: figures.folds", f"{name!r} is not a fold (folds are {fold_names(config)})")
     if folds != "loo":
         for sid in folds:
             if sid not in config["samples"]:

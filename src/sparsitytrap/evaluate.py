@@ -221,7 +221,7 @@ def per_gene_table(model, null, ceiling, genes, fold, categories=None):
     """
     df = pd.DataFrame({"fold": fold, "gene": genes})
     if categories is not None:
-        df["category"] = [categories.get(g, "Other") for g in genes]
+        df["category"] = [categories.get(g, "Unassigned") for g in genes]
     for col in ("sparsity", "mean_target_pooled", "n_tissue_bins"):
         df[col] = model[col].to_numpy()
     for s in SCORES:
@@ -543,4 +543,4 @@ def _categories(genes_csv):
     df = pd.read_csv(genes_csv)
     if not {"gene", "category"} <= set(df.columns):
         raise InputError(genes_csv, "needs columns 'gene' and 'category'")
-    return dict(zip(df["gene"], df["category"].fillna("Other")))
+    return dict(zip(df["gene"], df["category"].fillna("Unassigned")))

@@ -116,6 +116,6 @@ def select_genes(sdata_zarrs, out_csv, *, method="variance", n_genes=50, categor
     cats = read_categories(categories) if categories else {}
     table = stats.set_index("gene").loc[chosen].reset_index()
     table.insert(1, "rank", np.arange(1, len(table) + 1))
-    table["category"] = [cats.get(g, "Other") for g in table["gene"]]
+    table["category"] = [cats.get(g, "Unassigned") for g in table["gene"]]
     write_csv(table, out_csv)
     return table

@@ -25,7 +25,7 @@ TILE_UM = 256.0  # the smallest usable image holds one tile
 IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".png", ".jpg", ".jpeg")
 
 
-def validate_spaceranger(path, dataset_id):
+def validate_spaceranger(path, dataset_id, fullres_image=None):
     """Check a Space Ranger Visium HD ``outs`` folder before reading it.
 
     Parameters
@@ -61,7 +61,9 @@ def validate_spaceranger(path, dataset_id):
     if bin_folder(2) not in [p.name for p in folders]:
         raise InputError(binned / bin_folder(2), "missing folder (the 2 um bins are required)")
     mpp = {folder.name: _check_bins(folder) for folder in folders}[bin_folder(2)]
-    image = find_fullres_image(path, dataset_id)
+    image = Path(fullres_image) if fullres_image else find_fullres_image(path, dataset_id)
+    if not image.is_file():
+        raise InputError(image, "full-resolution image (samples.*.fullres_image) does not exist")
     _check_image(image, mpp)
     return image
 
@@ -187,7 +189,7 @@ def _check_image(path, microns_per_pixel):
         )
 
 
-def ingest(path, dataset_id, out_zarr, *, bins_as_squares=True):
+def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins_as_squares=True):
     """Validate a Space Ranger folder, read it with spatialdata-io and write SpatialData zarr.
 
     Parameters
@@ -196,6 +198,9 @@ def ingest(path, dataset_id, out_zarr, *, bins_as_squares=True):
         Space Ranger ``outs`` folder.
     dataset_id
         Sample id (names the SpatialData elements).
+    fullres_image
+        The full-resolution H&E given to Space Ranger, when it is not inside the folder
+        (config ``samples.<id>.fullres_image``); default: looked up in the folder.
     out_zarr
         Output store (written atomically).
     bins_as_squares
@@ -203,7 +208,7 @@ def ingest(path, dataset_id, out_zarr, *, bins_as_squares=True):
         reader builds one shape per bin; on 1.5M tissue bins squares cost about 0.6 GB more peak
         memory and twice the reading time of circles.
     """
-    image = validate_spaceranger(path, dataset_id)
+    image = validate_spaceranger(path, dataset_id, fullres_image)
     from spatialdata_io import visium_hd  # slow import: only once the folder is known to be good
 
     with warnings.catch_warnings():

@@ -411,3 +411,133 @@ def _fold_cells(f, fold, metric, cells):
     wide = pd.concat({k: v.set_index("gene")[metric] for k, v in values.items()}, axis=1)
     wide = wide[np.isfinite(wide.astype(float)).all(axis=1)]
     return {"n_genes": len(wide), **wide.mean().to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the workflow's `stats` and `factorial` stages
+
+#: Metrics compared by default: the seeds' headline numbers.
+STATS_METRICS = ("pcc_2um_pooled", "pcc_8um_pooled", "ssim_2um_pertile", "scc_2um_pooled")
+#: Output files of :func:`run_comparison`, one row block per metric in each.
+STATS_TABLES = {
+    "s1": "S1_per_gene.csv",
+    "s1_folds": "S1_per_fold.csv",
+    "s2": "S2_per_category.csv",
+    "s3": "S3_per_quartile.csv",
+    "summary": "summary.csv",
+}
+
+
+def _read_eval(eval_dir):
+    """``per_gene.csv`` and ``per_tile.parquet`` of one evaluation folder, with its fold name."""
+    import json
+
+    d = Path(eval_dir)
+    for name in ("per_gene.csv", "per_tile.parquet", "summary.json"):
+        if not (d / name).is_file():
+            raise InputError(d, f"no {name}: not an evaluation folder")
+    fold = json.loads((d / "summary.json").read_text())["fold"]
+    per_gene = pd.read_csv(d / "per_gene.csv").assign(fold=fold)
+    return fold, per_gene, pd.read_parquet(d / "per_tile.parquet")
+
+
+def delta_ci(tiles_a, tiles_b, metric, n_boot=1000, seed=0, ci=0.95):
+    """Paired bootstrap CI over test tiles of the mean-over-genes delta B - A, averaged over folds.
+
+    Within a fold both models are resampled with the same tiles (same seed, same tile count), so
+    each replicate is a paired difference; replicates are averaged across folds.
+
+    Returns
+    -------
+    low, high (NaN when the metric cannot be resampled or ``n_boot`` is 0).
+    """
+    from .evaluate import tile_bootstrap
+
+    if n_boot < 1:
+        return np.nan, np.nan
+    reps = []
+    for ta, tb in zip(tiles_a, tiles_b):
+        ra, rb = tile_bootstrap(ta, metric, n_boot, seed), tile_bootstrap(tb, metric, n_boot, seed)
+        if ra is None or rb is None:
+            return np.nan, np.nan
+        reps.append(rb - ra)
+    mean = np.nanmean(np.stack(reps), axis=0)
+    mean = mean[np.isfinite(mean)]
+    if not len(mean):
+        return np.nan, np.nan
+    tail = 100 * (1 - ci) / 2
+    low, high = np.percentile(mean, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def run_comparison(eval_dirs_a, eval_dirs_b, out_dir, metrics=STATS_METRICS, names=("A", "B"), categories=None,
+                   n_boot=1000, seed=0):  # fmt: skip
+    """Compare model B with model A over the folds: write tables S1-S3 and a summary (CSV).
+
+    Parameters
+    ----------
+    eval_dirs_a, eval_dirs_b
+        Evaluation folders of A and B, one per fold, same fold order.
+    out_dir
+        Output folder for :data:`STATS_TABLES`; every table has a ``metric`` column.
+    metrics
+        Metric columns of ``per_gene.csv``.
+    names
+        Model names (column headers and the summary).
+    categories
+        gene -> category (see :func:`compare`); default: the ``category`` column of the tables.
+    n_boot, seed
+        Paired tile bootstrap of the mean delta (:func:`delta_ci`).
+
+    Returns
+    -------
+    dict of DataFrames, as written.
+    """
+    from .io import write_csv
+
+    a = [_read_eval(d) for d in eval_dirs_a]
+    b = [_read_eval(d) for d in eval_dirs_b]
+    if [f for f, *_ in a] != [f for f, *_ in b]:
+        raise InputError("comparisons", f"folds of {names[0]} and {names[1]} differ")
+    gene_a = pd.concat([g for _, g, _ in a], ignore_index=True)
+    gene_b = pd.concat([g for _, g, _ in b], ignore_index=True)
+    if categories is None and "category" in gene_a.columns:
+        categories = dict(zip(gene_a["gene"], gene_a["category"]))
+    out = {k: [] for k in STATS_TABLES}
+    for metric in metrics:
+        tables = compare(gene_a, gene_b, metric, categories, names)
+        low, high = delta_ci([t for *_, t in a], [t for *_, t in b], metric, n_boot, seed)
+        tables["summary"] = tables["summary"].assign(delta_ci_low=low, delta_ci_high=high)
+        for k in STATS_TABLES:
+            out[k].append(tables[k].rename(columns=lambda c, m=metric: c.replace(f"{m}_", "")).assign(metric=metric))
+    result = {}
+    for k, name in STATS_TABLES.items():
+        df = pd.concat(out[k], ignore_index=True)
+        result[k] = df[["metric", *[c for c in df.columns if c != "metric"]]]
+        write_csv(result[k], Path(out_dir) / name)
+    return result
+
+
+def run_factorial(cells, out_csv, metrics=STATS_METRICS):
+    """The 2 x 2 decomposition (loss effect, decoder effect, interaction) per fold and pooled.
+
+    Parameters
+    ----------
+    cells
+        ``{(decoder, loss): [evaluation folders, one per fold]}`` for the four cells
+        (decoders img2st/hist2st, losses mse/poisson).
+    out_csv
+        Output table: :func:`decompose_2x2` per metric, with a ``metric`` column.
+    """
+    from .io import write_csv
+
+    rows = []
+    for (decoder, loss), dirs in cells.items():
+        for d in dirs:
+            _, per_gene, _ = _read_eval(d)
+            rows.append(per_gene.assign(decoder=decoder, loss=loss))
+    table = pd.concat(rows, ignore_index=True)
+    out = pd.concat([decompose_2x2(table, m).assign(metric=m) for m in metrics], ignore_index=True)
+    out = out[["metric", *[c for c in out.columns if c != "metric"]]]
+    write_csv(out, out_csv)
+    return out

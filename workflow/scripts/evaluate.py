@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torch
 
 from sparsitytrap.evaluate import evaluate
@@ -9,8 +11,8 @@ with job(snakemake):
     evaluate(
         snakemake.input.pred,
         snakemake.input.tiles,
-        snakemake.output.per_gene.rsplit("/", 1)[0],
-        truth_zarr=snakemake.input.truth or None,
+        Path(snakemake.output.per_gene).parent,
+        ceiling_csv=snakemake.input.ceiling,
         genes_csv=snakemake.input.genes,
         model=snakemake.wildcards.model,
         fold=snakemake.wildcards.fold,

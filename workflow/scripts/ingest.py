@@ -2,4 +2,5 @@ from sparsitytrap.ingest import ingest
 from sparsitytrap.smk import job
 
 with job(snakemake):
-    ingest(snakemake.input[0], snakemake.params.dataset_id, snakemake.output[0], fullres_image=snakemake.params.fullres_image)
+    p = snakemake.params
+    ingest(snakemake.input[0], p.dataset_id, snakemake.output[0], fullres_image=p.fullres_image)

@@ -12,4 +12,5 @@ with job(snakemake):
         features=snakemake.input.features,
         out_pred=snakemake.output.pred,
         out_sdata=snakemake.output.sdata,
+        encoder_cfg=snakemake.params.encoder,
     )

@@ -3,13 +3,15 @@ from pathlib import Path
 import torch
 
 from sparsitytrap.smk import job
-from sparsitytrap.train import train
+from sparsitytrap.train import fit
 
 with job(snakemake):
     torch.set_num_threads(snakemake.threads)
-    train(
+    fit(
         snakemake.params.model,
-        tiles=list(snakemake.input.tiles),
-        features=list(snakemake.input.features),
-        out_dir=Path(snakemake.output.weights).parent,
+        list(snakemake.input.tiles),
+        list(snakemake.input.features),
+        Path(snakemake.output.weights).parent,
+        encoder_cfg=snakemake.params.encoder,
+        fold=snakemake.wildcards.fold,
     )
