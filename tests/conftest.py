@@ -117,3 +117,28 @@ def genes_csv(hd_sample, tmp_path_factory):
     path = tmp_path_factory.mktemp("genes") / "genes.csv"
     pd.DataFrame({"gene": [hd_sample.gene_names[g] for g in (7, 0, 11, 3, 5)]}).to_csv(path, index=False)
     return path
+
+
+# --- a copy of the workflow, for runs that must not touch the repository's results ----------
+
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "resources", "envs", "slurm", "tests/configs"]
+
+
+def copy_workflow(root, config=None):
+    """The workflow's files in folder `root` (its .snakemake/, logs and results stay there).
+
+    `config`: a file that replaces config.yaml there (for example tests/configs/tiny.yaml).
+    """
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in WORKFLOW_FILES:
+        if (repo / name).is_dir():
+            shutil.copytree(repo / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, root / name)
+    if config is not None:
+        shutil.copy2(repo / config, root / "config.yaml")
+    return root

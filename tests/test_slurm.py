@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
@@ -234,7 +235,6 @@ def test_toy_workflow_on_slurm(slurm_cluster, tmp_path):
 
 # --- the real workflow on the tiny configuration --------------------------------------------
 
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "resources", "envs", "slurm", "tests/configs"]
 GPU_RULES = {"features", "train"}
 DATA_RULES = {"simulate", "ingest", "select_genes", "tile", "features"}
 
@@ -244,31 +244,13 @@ def workflow_copy(tmp_path):
     """The workflow's files in a fresh folder (its .snakemake/, logs and results stay there),
     with tests/configs/tiny.yaml as its config.yaml.
 
-    The tiny config replaces config.yaml instead of being passed with `--configfile ...
-    --replace-workflow-config`: snakemake 9.27.1 does not pass --replace-workflow-config on to
-    the jobs it submits, so inside a SLURM job tiny.yaml would be merged into config.yaml.
+    The cluster run uses the copy's own config.yaml, as a user's checkout would.
     """
-    missing = [name for name in WORKFLOW_FILES if not (REPO / name).exists()]
-    if missing:
-        pytest.skip(f"the workflow is not complete yet: {missing} missing")
-    root = tmp_path / "repo"
-    for name in WORKFLOW_FILES:
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    shutil.copy2(root / "tests/configs/tiny.yaml", root / "config.yaml")
-    return root
+    return copy_workflow(tmp_path / "repo", config="tests/configs/tiny.yaml")
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="the workflow does not run end to end on tiny.yaml yet (workflow/scripts/ingest.py passes "
-    "fullres_image= that sparsitytrap.ingest.ingest does not take; workflow/scripts/train.py calls "
-    "train() without model_name and fold): remove this mark once `snakemake --cores 2` succeeds on it"
-)
 def test_tiny_workflow_on_slurm(slurm_cluster, workflow_copy):
     """`snakemake --profile slurm` on tests/configs/tiny.yaml: every job is a SLURM job, GPU rules
     get a GPU, a second run submits nothing, forcing one fold resubmits that fold's jobs only."""

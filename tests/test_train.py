@@ -261,6 +261,22 @@ def test_predictions_sdata_overlays_the_bins(straight_run, cohort):
     assert shapes.geometry.iloc[-1].centroid.x == pytest.approx(x)
 
 
+def test_one_overlay_holds_every_model_of_a_fold(straight_run, cohort, tmp_path):
+    import spatialdata
+
+    from sparsitytrap.predict import write_predictions_sdata
+
+    out, _ = straight_run
+    pred = out / "predictions.zarr"
+    write_predictions_sdata({"m1": pred, "m2": pred}, cohort / "tiles" / "P3.zarr", tmp_path / "fold.zarr")
+    sdata = spatialdata.read_zarr(tmp_path / "fold.zarr")
+    single = spatialdata.read_zarr(out / "predictions_sdata.zarr").tables["predictions"]
+    assert sorted(sdata.tables) == ["predictions_m1", "predictions_m2"]
+    for table in sdata.tables.values():
+        np.testing.assert_array_equal(table.X, single.X)
+        assert list(table.obs_names) == list(single.obs_names)
+
+
 @pytest.fixture(scope="module")
 def two_tiles(tmp_path_factory):
     """P1 with two tiles of the real size, 128 x 128 bins, and P2 (one tile) to predict."""

@@ -197,12 +197,14 @@ def _token_source(root, features, encoder_cfg, n_tiles, in_dim, device):
 
 
 def write_predictions_sdata(predictions_zarr, tiles, out_zarr):
-    """Write the predictions of the in-tissue bins as a SpatialData table over 2 um squares.
+    """Write the predictions of the in-tissue bins as SpatialData tables over 2 um squares.
 
     Parameters
     ----------
     predictions_zarr
-        ``predictions.zarr`` from :func:`write_predictions`.
+        ``predictions.zarr`` from :func:`write_predictions` (table ``predictions``), or
+        ``{model: predictions.zarr}`` of one test sample (one table ``predictions_{model}`` each,
+        all annotating the same squares: every model of a fold in one store).
     tiles
         The tile store it was predicted from (mask, bin origins, ``bin_to_pixel`` affine).
     out_zarr
@@ -217,23 +219,17 @@ def write_predictions_sdata(predictions_zarr, tiles, out_zarr):
     from spatialdata.transformations import Identity
 
     root = open_tiles(tiles)
-    pred = zarr.open_group(str(predictions_zarr), mode="r")["rates"]
     mask, origin = root["mask"], root["bin_origin"][:]
-    if pred.shape[0] != mask.shape[0]:
-        raise InputError(predictions_zarr, f"{pred.shape[0]} tiles, the tile store has {mask.shape[0]}")
     affine = np.asarray(root.attrs["bin_to_pixel"], dtype=float)
     sample = str(root.attrs.get("sample"))
-    genes = list(zarr.open_group(str(predictions_zarr), mode="r").attrs["genes"])
-
-    # One tile at a time: only the in-tissue bins of the sample are ever held (G genes wide).
-    rows, cols, tile_of, x = [], [], [], []
+    stores = predictions_zarr if isinstance(predictions_zarr, dict) else {None: predictions_zarr}
+    rows, cols, tile_of = [], [], []
     for t in range(mask.shape[0]):
         i, j = np.nonzero(mask[t])
         rows.append(origin[t, 0] + i)
         cols.append(origin[t, 1] + j)
         tile_of.append(np.full(len(i), t, dtype=np.int32))
-        x.append(pred[t][:, i, j].T.astype(np.float32))
-    rows, cols, tile_of, x = (np.concatenate(a) for a in (rows, cols, tile_of, x))
+    rows, cols, tile_of = (np.concatenate(a) for a in (rows, cols, tile_of))
 
     centre = _to_pixels(affine, rows, cols)
     offsets = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, 0.5], [0.5, -0.5], [-0.5, -0.5]])
@@ -252,11 +248,28 @@ def write_predictions_sdata(predictions_zarr, tiles, out_zarr):
         },
         index=[f"s_002um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)],
     )
-    adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes), obsm={"spatial": centre})
-    table = TableModel.parse(adata, region=shapes_name, region_key="region", instance_key="location_id")
-    sdata = SpatialData(shapes={shapes_name: shapes}, tables={"predictions": table})
+    tables = {}
+    for model, path in stores.items():
+        x, genes = _tissue_rates(path, mask)
+        adata = ad.AnnData(X=x, obs=obs.copy(), var=pd.DataFrame(index=genes), obsm={"spatial": centre})
+        name = "predictions" if model is None else f"predictions_{model}"
+        tables[name] = TableModel.parse(adata, region=shapes_name, region_key="region", instance_key="location_id")
+    sdata = SpatialData(shapes={shapes_name: shapes}, tables=tables)
     with atomic_path(out_zarr) as tmp:
         sdata.write(str(tmp))
+
+
+def _tissue_rates(predictions_zarr, mask):
+    """[in-tissue bins, G] float32 rates of a predictions store, read one tile at a time."""
+    group = zarr.open_group(str(predictions_zarr), mode="r")
+    pred = group["rates"]
+    if pred.shape[0] != mask.shape[0]:
+        raise InputError(predictions_zarr, f"{pred.shape[0]} tiles, the tile store has {mask.shape[0]}")
+    x = []
+    for t in range(mask.shape[0]):
+        i, j = np.nonzero(mask[t])
+        x.append(pred[t][:, i, j].T.astype(np.float32))
+    return np.concatenate(x), list(group.attrs["genes"])
 
 
 def _to_pixels(affine, rows, cols):

@@ -62,7 +62,80 @@ def model_params(wc):
 
 def all_targets():
     targets = [f"{R}/tiles/{s}.zarr" for s in SAMPLES]
-    targets += expand(f"{R}/models/{{model}}/{{fold}}/predictions.zarr", model=MODELS, fold=FOLDS)
-    targets += expand(f"{R}/eval/{{model}}/{{fold}}/per_gene.csv", model=MODELS, fold=FOLDS)
+    targets += expand(f"{R}/predictions/{{fold}}.zarr", fold=FOLDS)
+    targets += expand(
+        f"{R}/eval/{{model}}/{{fold}}/per_gene.csv", model=MODELS, fold=FOLDS
+    )
     targets += stats_targets() + figure_targets()
     return targets
+
+
+def train_inputs(wc):
+    train, _ = stconfig.fold_samples(config, wc.fold)
+    return {
+        "tiles": [f"{R}/tiles/{s}.zarr" for s in train],
+        "features": [f"{R}/features/{ENCODER}/{s}.zarr" for s in train],
+    }
+
+
+# --- evaluation, statistics and figures ---
+FIG = f"{R}/figures"
+FORMATS = config["figures"]["format"]
+COMPARISONS = {c["name"]: c for c in config.get("comparisons", [])}
+MOSAIC_GENES = config["figures"].get("mosaic_genes", [])
+MULTISCALE = config["figures"].get("multiscale_model")
+DRAWN_FOLDS = (
+    FOLDS if config["figures"]["folds"] == "all" else config["figures"]["folds"]
+)
+
+
+wildcard_constraints:
+    comparison="|".join(COMPARISONS) or "(?!)",
+    gene="|".join(MOSAIC_GENES) or "(?!)",
+
+
+def eval_dir(model, fold):
+    return f"{R}/eval/{model}/{fold}"
+
+
+def eval_files(models, folds=FOLDS):
+    """The three files of each evaluation folder (figures and stats read the folders)."""
+    return [
+        f"{eval_dir(m, f)}/{name}"
+        for m in models
+        for f in folds
+        for name in ("per_gene.csv", "per_tile.parquet", "summary.json")
+    ]
+
+
+def figure(name, caption, category="Figures", subcategory=None, labels=None):
+    """Outputs `{name}.{fmt}` for every configured format; the PNG goes into the report."""
+    out = []
+    for fmt in FORMATS:
+        path = f"{FIG}/{name}.{fmt}"
+        if fmt == "png":
+            path = report(path, caption=f"../report/{caption}.rst", category=category,
+                          subcategory=subcategory, labels=labels)  # fmt: skip
+        out.append(path)
+    return out
+
+
+def stats_targets():
+    out = [f"{R}/stats/{c}/summary.csv" for c in COMPARISONS]
+    if config.get("factorial"):
+        out.append(f"{R}/stats/factorial_2x2.csv")
+    return out
+
+
+def figure_targets():
+    """Every figure, first format (the rule writes all formats)."""
+    fmt = FORMATS[0]
+    names = ["results_table", "bar_chart", "noise_ceiling", "training_curves"]
+    names += [
+        f"{kind}/{c}" for kind in ("sparsity_scatter", "heatmap") for c in COMPARISONS
+    ]
+    names += [f"rescue/{c}/{f}" for c in COMPARISONS for f in DRAWN_FOLDS]
+    names += [f"mosaic/{f}/{g}" for f in DRAWN_FOLDS for g in MOSAIC_GENES]
+    if MULTISCALE and MOSAIC_GENES:
+        names += [f"multiscale/{f}" for f in DRAWN_FOLDS]
+    return [f"{FIG}/{n}.{fmt}" for n in names]

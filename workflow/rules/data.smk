@@ -6,17 +6,19 @@ rule simulate:
         outs=directory(f"{R}/simulated/{{sample}}/outs"),
         truth=directory(f"{R}/simulated/{{sample}}/truth.zarr"),
         params=f"{R}/simulated/{{sample}}/params.json",
-    params:
-        sim=simulation_params,
     log:
         f"{R}/logs/simulate/{{sample}}.log",
+    benchmark:
+        f"{R}/benchmarks/simulate/{{sample}}.tsv"
     group:
         "sample_prep"
+    conda:
+        "../../envs/sparsitytrap.yaml"
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
-    conda:
-        "../../envs/sparsitytrap.yaml"
+    params:
+        sim=simulation_params,
     script:
         "../scripts/simulate.py"
 
@@ -26,18 +28,20 @@ rule ingest:
         spaceranger_dir,
     output:
         directory(f"{R}/sdata/{{sample}}.zarr"),
-    params:
-        dataset_id=lambda wc: config["samples"][wc.sample].get("dataset_id", wc.sample),
-        fullres_image=lambda wc: config["samples"][wc.sample].get("fullres_image"),
     log:
         f"{R}/logs/ingest/{{sample}}.log",
+    benchmark:
+        f"{R}/benchmarks/ingest/{{sample}}.tsv"
     group:
         "sample_prep"
+    conda:
+        "../../envs/sparsitytrap.yaml"
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
-    conda:
-        "../../envs/sparsitytrap.yaml"
+    params:
+        dataset_id=lambda wc: config["samples"][wc.sample].get("dataset_id", wc.sample),
+        fullres_image=lambda wc: config["samples"][wc.sample].get("fullres_image"),
     script:
         "../scripts/ingest.py"
 
@@ -53,16 +57,16 @@ rule select_genes:
             caption="../report/genes.rst",
             category="Data",
         ),
-    params:
-        method=config["genes"]["method"],
-        n_genes=config["genes"]["n_genes"],
     log:
         f"{R}/logs/select_genes.log",
+    conda:
+        "../../envs/sparsitytrap.yaml"
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
-    conda:
-        "../../envs/sparsitytrap.yaml"
+    params:
+        method=config["genes"]["method"],
+        n_genes=config["genes"]["n_genes"],
     script:
         "../scripts/select_genes.py"
 
@@ -73,17 +77,19 @@ rule tile:
         genes=f"{R}/genes/genes.csv",
     output:
         directory(f"{R}/tiles/{{sample}}.zarr"),
-    params:
-        dataset_id=lambda wc: config["samples"][wc.sample].get("dataset_id", wc.sample),
-        **config["tiles"],
     log:
         f"{R}/logs/tile/{{sample}}.log",
+    benchmark:
+        f"{R}/benchmarks/tile/{{sample}}.tsv"
     group:
         "sample_tiles"
+    conda:
+        "../../envs/sparsitytrap.yaml"
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
-    conda:
-        "../../envs/sparsitytrap.yaml"
+    params:
+        **config["tiles"],
+        dataset_id=lambda wc: config["samples"][wc.sample].get("dataset_id", wc.sample),
     script:
         "../scripts/tile.py"

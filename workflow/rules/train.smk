@@ -7,28 +7,22 @@ rule features:
         f"{R}/tiles/{{sample}}.zarr",
     output:
         directory(f"{R}/features/{ENCODER}/{{sample}}.zarr"),
+    log:
+        f"{R}/logs/features/{ENCODER}/{{sample}}.log",
+    benchmark:
+        f"{R}/benchmarks/features/{{sample}}.tsv"
+    conda:
+        "../../envs/sparsitytrap.yaml"
+    threads: 2
+    resources:
+        **gpu_resources(),
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
     params:
         encoder=stconfig.encoder_config(config),
         device=config["training"].get("device", "auto"),
-    log:
-        f"{R}/logs/features/{ENCODER}/{{sample}}.log",
-    threads: 2
-    resources:
-        mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
-        **gpu_resources(),
-    conda:
-        "../../envs/sparsitytrap.yaml"
     script:
         "../scripts/features.py"
-
-
-def train_inputs(wc):
-    train, _ = stconfig.fold_samples(config, wc.fold)
-    return {
-        "tiles": [f"{R}/tiles/{s}.zarr" for s in train],
-        "features": [f"{R}/features/{ENCODER}/{s}.zarr" for s in train],
-    }
 
 
 rule train:
@@ -38,18 +32,20 @@ rule train:
         weights=f"{R}/models/{{model}}/{{fold}}/best.safetensors",
         log_csv=f"{R}/models/{{model}}/{{fold}}/log.csv",
         val=f"{R}/models/{{model}}/{{fold}}/metrics_val.json",
+    log:
+        f"{R}/logs/train/{{model}}/{{fold}}.log",
+    benchmark:
+        f"{R}/benchmarks/train/{{model}}/{{fold}}.tsv"
+    conda:
+        "../../envs/sparsitytrap.yaml"
+    threads: 1
+    resources:
+        **gpu_resources(),
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 240 * attempt,
     params:
         model=model_params,
         encoder=stconfig.encoder_config(config),
-    log:
-        f"{R}/logs/train/{{model}}/{{fold}}.log",
-    threads: 1
-    resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 240 * attempt,
-        **gpu_resources(),
-    conda:
-        "../../envs/sparsitytrap.yaml"
     script:
         "../scripts/train.py"
 
@@ -60,18 +56,40 @@ rule predict:
         tiles=lambda wc: f"{R}/tiles/{test_sample(wc.fold)}.zarr",
         features=lambda wc: f"{R}/features/{ENCODER}/{test_sample(wc.fold)}.zarr",
     output:
-        pred=directory(f"{R}/models/{{model}}/{{fold}}/predictions.zarr"),
-        sdata=directory(f"{R}/models/{{model}}/{{fold}}/predictions_sdata.zarr"),
-    params:
-        model=model_params,
-        encoder=stconfig.encoder_config(config),
+        directory(f"{R}/models/{{model}}/{{fold}}/predictions.zarr"),
     log:
         f"{R}/logs/predict/{{model}}/{{fold}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict/{{model}}/{{fold}}.tsv"
+    conda:
+        "../../envs/sparsitytrap.yaml"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
-    conda:
-        "../../envs/sparsitytrap.yaml"
+    params:
+        model=model_params,
+        encoder=stconfig.encoder_config(config),
     script:
         "../scripts/predict.py"
+
+
+rule overlay:
+    input:
+        tiles=lambda wc: f"{R}/tiles/{test_sample(wc.fold)}.zarr",
+        preds=expand(
+            f"{R}/models/{{model}}/{{{{fold}}}}/predictions.zarr", model=MODELS
+        ),
+    output:
+        directory(f"{R}/predictions/{{fold}}.zarr"),
+    log:
+        f"{R}/logs/overlay/{{fold}}.log",
+    conda:
+        "../../envs/sparsitytrap.yaml"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    params:
+        models=MODELS,
+    script:
+        "../scripts/overlay.py"

@@ -10,7 +10,6 @@ with job(snakemake):
         weights=snakemake.input.weights,
         tiles=snakemake.input.tiles,
         features=snakemake.input.features,
-        out_pred=snakemake.output.pred,
-        out_sdata=snakemake.output.sdata,
+        out_pred=snakemake.output[0],
         encoder_cfg=snakemake.params.encoder,
     )

@@ -1,0 +1,129 @@
+"""The Snakemake workflow itself: the plan on the default config, an end-to-end run on the tiny
+config, no-op reruns, and reruns limited to what a config change touches."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import copy_workflow
+
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+DATA_RULES = {"simulate", "ingest", "select_genes"}
+
+
+def snakemake(workdir, *args, timeout=1500):
+    cmd = [str(SNAKEMAKE), "--cores", "2", *map(str, args)]
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout + result.stderr
+
+
+def planned(workdir, *args):
+    """Rule -> number of jobs of a dry run (empty when there is nothing to do)."""
+    out = snakemake(workdir, "-n", *args)
+    if "Job stats:" not in out:
+        assert "Nothing to be done" in out, out[-3000:]
+        return {}
+    table = out.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_default_config_plans_every_stage(tmp_path):
+    root = copy_workflow(tmp_path)
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    n_samples, n_models = len(cfg["samples"]), len(cfg["models"])
+    plan = planned(root)
+    for rule in ("simulate", "ingest", "tile", "features", "ceiling"):
+        assert plan[rule] == n_samples, (rule, plan)
+    assert plan["select_genes"] == 1
+    for rule in ("train", "predict", "evaluate"):
+        assert plan[rule] == n_models * n_samples, (rule, plan)  # leave one patient out
+    assert plan["stats"] == len(cfg["comparisons"]) and plan["factorial"] == 1
+    assert {"figure_results_table", "figure_bar_chart", "figure_mosaic", "figure_rescue"} <= set(plan)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """tests/configs/tiny.yaml run end to end (the module's tests share this one run)."""
+    root = copy_workflow(tmp_path_factory.mktemp("tiny"), config="tests/configs/tiny.yaml")
+    snakemake(root)
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    return root, cfg, root / cfg["results"]
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_table_and_figure(tiny):
+    root, cfg, results = tiny
+    genes = pd.read_csv(results / "genes" / "genes.csv")["gene"].tolist()
+    assert len(genes) == cfg["genes"]["n_genes"]
+    for model in cfg["models"]:
+        for sample in cfg["samples"]:
+            per_gene = pd.read_csv(results / "eval" / model / f"test-{sample}" / "per_gene.csv")
+            assert per_gene["gene"].tolist() == genes
+            assert per_gene["pcc_2um_pooled_ceiling"].notna().all()
+    for comp in cfg["comparisons"]:
+        summary = pd.read_csv(results / "stats" / comp["name"] / "summary.csv")
+        assert set(summary["metric"]) >= {"pcc_2um_pooled", "ssim_2um_pertile"}
+        assert (summary["win_rate"].dropna() <= 1).all()
+    for name in ("results_table", "bar_chart", "noise_ceiling", "training_curves"):
+        assert (results / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(tiny):
+    assert planned(tiny[0]) == {}
+
+
+@pytest.mark.slow
+def test_report_collects_the_outputs(tiny):
+    root = tiny[0]
+    snakemake(root, "--report", "report.html")
+    html = (root / "report.html").read_text(errors="replace")
+    assert "results_table.png" in html and "S1_per_gene.csv" in html
+
+
+def _changed(root, tmp_path, edit):
+    """Dry-run plan with an edited copy of the config passed by --configfile (which replaces it)."""
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    edit(cfg)
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return planned(root, "--configfile", path)
+
+
+@pytest.mark.slow
+def test_tile_threshold_reruns_tiling_and_downstream_only(tiny, tmp_path):
+    plan = _changed(tiny[0], tmp_path, lambda c: c["tiles"].update(min_tissue_fraction=0.25))
+    assert plan.get("tile") == len(tiny[1]["samples"]), plan
+    assert not DATA_RULES & set(plan), plan
+    assert {"features", "train", "evaluate"} <= set(plan)
+
+
+@pytest.mark.slow
+def test_figure_option_reruns_that_figure_only(tiny, tmp_path):
+    plan = _changed(tiny[0], tmp_path, lambda c: c["figures"].update(rescue_top_k=1))
+    assert set(plan) == {"figure_rescue", "all"}, plan
+
+
+@pytest.mark.slow
+def test_one_fold_reruns_alone(tiny):
+    root, cfg, results = tiny
+    model, fold = next(iter(cfg["models"])), f"test-{next(iter(cfg['samples']))}"
+    target = results / "models" / model / fold / "best.safetensors"
+    plan = planned(root, "--forcerun", target.relative_to(root))
+    assert plan["train"] == 1 and plan["predict"] == 1 and plan["evaluate"] == 1, plan
+    assert not (DATA_RULES | {"tile", "features"}) & set(plan), plan
+
+
+def test_bad_config_fails_with_one_line(tmp_path):
+    root = copy_workflow(tmp_path, config="tests/configs/tiny.yaml")
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["tiles"]["min_tissue_fraction"] = "half"
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([str(SNAKEMAKE), "-n", "--cores", "1"], cwd=root, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "tiles.min_tissue_fraction" in result.stdout + result.stderr
