@@ -132,3 +132,28 @@ def model_config(config, name):
 def encoder_config(config, name=None):
     name = name or config["encoder"]
     return {"name": name, **config["encoders"][name]}
+
+
+#: Top-level maps whose key order means something (folds, figure and table order).
+ORDERED_MAPS = ("samples", "models", "encoders")
+
+
+def canonical(config):
+    """The config with every mapping's keys sorted, except the order of samples, models and encoders.
+
+    Snakemake compares a rule's params by their representation: sorting makes a reordered
+    config.yaml (same values) trigger no rerun.
+    """
+
+    def sort(value):
+        if isinstance(value, dict):
+            return {k: sort(value[k]) for k in sorted(value)}
+        if isinstance(value, list):
+            return [sort(v) for v in value]
+        return value
+
+    out = {}
+    for key in sorted(config):
+        value = config[key]
+        out[key] = {k: sort(v) for k, v in value.items()} if key in ORDERED_MAPS else sort(value)
+    return out

@@ -4,6 +4,10 @@ import json
 from sparsitytrap import config as stconfig
 
 stconfig.validate(config, source="config")
+# key order never matters to a rerun (params are compared by their representation)
+canonical = stconfig.canonical(config)
+config.clear()
+config.update(canonical)
 R = config["results"]
 SAMPLES = list(config["samples"])
 MODELS = list(config["models"])
