@@ -176,13 +176,10 @@ def print_table(results):
     cols = ("stage", "wall_s", "peak_rss_gib", "bins", "genes", "nnz", "in_tissue_bins", "kept_tiles")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    for stage in STAGES:
-        r = results.get(stage)
-        if r is None:
-            continue
+    for stage, r in results.items():
         cells = []
         for c in cols:
-            v = r.get(c, "")
+            v = stage if c == "stage" else r.get(c, "")
             if c == "wall_s" and v != "":
                 v = f"{v:.0f}"
             elif c == "peak_rss_gib" and v != "":
@@ -215,7 +212,8 @@ def main():
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for stage in a.stages:
         row = run_stage(a, stage)
-        results[stage] = row
+        key = f"{stage} (circles)" if stage == "ingest" and a.circles else stage
+        results[key] = row
         results_file.write_text(json.dumps(results, indent=1))
         if row["rc"] != 0:
             print(f"{stage} failed (rc {row['rc']}, killed {row['killed']}); stopping", flush=True)

@@ -292,7 +292,8 @@ def test_tiny_workflow_on_slurm(slurm_cluster, workflow_copy):
     samples = list(tiny["samples"])
     fold, other = f"test-{samples[0]}", f"test-{samples[1]}"
     results = workflow_copy / tiny["results"]
-    weights = [results / "models" / model / fold / "best.safetensors" for model in tiny["models"]]
+    # targets relative to the workflow folder, as rule outputs are
+    weights = [Path(tiny["results"]) / "models" / model / fold / "best.safetensors" for model in tiny["models"]]
     untouched = {p: p.stat().st_mtime for p in (results / "models").glob(f"*/{other}/best.safetensors")}
     assert untouched, f"no trained model for fold {other}"
     rerun = submissions(snakemake_slurm(workflow_copy, "--forcerun", *map(str, weights), env=env))

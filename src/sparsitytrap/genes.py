@@ -16,6 +16,7 @@ from .io import write_csv
 
 METHODS = ("variance", "hvg", "panel")
 TABLE = "square_002um"
+ROW_BLOCK = 1 << 19  # bins of a table read at a time by `table_moments`
 
 
 def read_bin_table(sdata_zarr, table=TABLE):
@@ -27,9 +28,37 @@ def read_bin_table(sdata_zarr, table=TABLE):
         raise InputError(sdata_zarr, f"no table {table!r} (found {sorted(sdata.tables)})")
     adata = sdata.tables[table]
     keep = np.asarray(adata.obs["in_tissue"]).astype(bool)
-    adata = adata[keep]
+    # A copy, not a view: setting X on a view makes anndata write it back into the parent
+    # through a dense (bins x genes) index grid (496 GiB on a full capture area).
+    adata = adata[keep].copy()
     adata.X = sp.csr_matrix(adata.X)
     return adata
+
+
+def table_moments(sdata_zarr, table=TABLE, block_rows=ROW_BLOCK):
+    """Gene names and `count_moments` of the in-tissue bins of one table, streamed in row blocks.
+
+    Reads the table's zarr group directly (as `sparsitytrap.tile` does): only this table, its
+    in_tissue column and var, and at most `block_rows` bins of the matrix at a time. Loading the
+    tables whole costs more than 11 GB on a full capture area (all bin sizes, obs strings, CSC
+    float64 copies).
+    """
+    import anndata as ad
+    import zarr
+
+    path = Path(sdata_zarr) / "tables" / table
+    if not path.is_dir():
+        found = sorted(p.name for p in (Path(sdata_zarr) / "tables").glob("*") if p.is_dir())
+        raise InputError(sdata_zarr, f"no table {table!r} (found {found})")
+    group = zarr.open_group(path, mode="r")
+    keep = np.asarray(ad.io.read_elem(group["obs/in_tissue"])).astype(bool)
+    names = list(pd.Index(ad.io.read_elem(group["var"]).index.astype(str)))
+    X = ad.io.sparse_dataset(group["X"])
+    total = None
+    for start in range(0, X.shape[0], block_rows):
+        m = count_moments(X[start : start + block_rows][keep[start : start + block_rows]])
+        total = m if total is None else {k: total[k] + m[k] for k in m}
+    return names, total
 
 
 def count_moments(X):
@@ -87,14 +116,14 @@ def select_genes(sdata_zarrs, out_csv, *, method="variance", n_genes=50, categor
     """
     if method not in METHODS:
         raise InputError("config genes.method", f"unknown method {method!r}; use one of {METHODS}")
-    adatas = [read_bin_table(p) for p in sdata_zarrs]
-    names = list(adatas[0].var_names)
-    for path, a in zip(sdata_zarrs[1:], adatas[1:]):
-        if list(a.var_names) != names:
+    # Statistics are streamed per sample; only 'hvg' (scanpy) needs the tables in memory.
+    per_sample = [table_moments(p) for p in sdata_zarrs]
+    names = per_sample[0][0]
+    for path, (other, _) in zip(sdata_zarrs[1:], per_sample[1:]):
+        if other != names:
             raise InputError(path, "its genes differ from the first sample's; samples must share one feature list")
     total = None
-    for a in adatas:
-        m = count_moments(a.X)
+    for _, m in per_sample:
         total = m if total is None else {k: total[k] + m[k] for k in m}
     stats = statistics(total)
     stats.insert(0, "gene", names)
@@ -102,7 +131,7 @@ def select_genes(sdata_zarrs, out_csv, *, method="variance", n_genes=50, categor
     if method == "variance":
         chosen = list(stats.sort_values("variance", ascending=False, kind="stable")["gene"][:n_genes])
     elif method == "hvg":
-        chosen = _hvg_order(adatas, n_genes)
+        chosen = _hvg_order([read_bin_table(p) for p in sdata_zarrs], n_genes)
     else:
         if panel is None:
             raise InputError("config genes.panel", "method 'panel' needs a panel file")
