@@ -557,18 +557,26 @@ def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=True, pool=4,
         for name, rates in preds.items():
             maps[name][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(rates[t, g], m, pool)
     extent = (0, cols, rows, 0)
-    vlims = _scale(list(maps.values()), shared_scale)
+    # a ranking model's exp(score) is not a count: it gets its own scale, or it would set everyone's
+    relative = {n for n, p in predictions.items() if open_predictions(p)[1].get("relative", False)}
+    counted = [n for n in maps if n not in relative]
+    shared = dict(zip(counted, _scale([maps[n] for n in counted], shared_scale)))
+    vlims = [shared[n] if n in shared else _scale([maps[n]], False)[0] for n in maps]
     fig = Figure(figsize=(3.2 * (len(maps) + 1), 3.4 * rows / max(cols, 1) + 0.8), layout="constrained")
     axes = fig.subplots(1, len(maps) + 1)
     axes[0].imshow(he, extent=extent)
     axes[0].set_title("H&E", fontsize=8)
     axes[0].set_xticks([]), axes[0].set_yticks([])
     for ax, (name, data), vlim in zip(axes[1:], maps.items(), vlims):
-        im = _show(ax, data, "truth (counts)" if name == "truth" else name, vlim, extent)
-        if not shared_scale:
+        title = "truth (counts)" if name == "truth" else name + (" (relative, own scale)" if name in relative else "")
+        im = _show(ax, data, title, vlim, extent)
+        if not shared_scale or name in relative:
             fig.colorbar(im, ax=ax, shrink=0.6)
+        else:
+            shared_im = im
     if shared_scale:
-        fig.colorbar(im, ax=list(axes[1:]), shrink=0.6, label=f"sum per {2 * pool:g} µm bin")
+        fig.colorbar(shared_im, ax=[a for a, n in zip(axes[1:], maps) if n not in relative], shrink=0.6,
+                     label=f"sum per {2 * pool:g} µm bin")
     scale = "one colour scale shared by all panels" if shared_scale else "one colour scale per panel"
     fig.suptitle(
         f"{gene}, sample {tiles.attrs.get('sample')}: {2 * pool:g} µm bins; {scale}; grey: off tissue", fontsize=9
