@@ -127,3 +127,12 @@ def test_bad_config_fails_with_one_line(tmp_path):
     result = subprocess.run([str(SNAKEMAKE), "-n", "--cores", "1"], cwd=root, capture_output=True, text=True)
     assert result.returncode != 0
     assert "tiles.min_tissue_fraction" in result.stdout + result.stderr
+
+
+def test_workflow_passes_lint_and_snakefmt():
+    repo = Path(__file__).resolve().parents[1]
+    lint = subprocess.run([str(SNAKEMAKE), "--lint"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert lint.returncode == 0 and "Lints for" not in lint.stdout + lint.stderr, lint.stdout[-3000:]
+    fmt = subprocess.run([str(SNAKEMAKE.parent / "snakefmt"), "--check", "Snakefile", "workflow"], cwd=repo,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert fmt.returncode == 0, fmt.stderr[-3000:]

@@ -1,0 +1,71 @@
+"""Markdown summary of a finished `snakemake --cores N` run, for the README: per-model means of
+the per-gene metrics with nulls and ceilings, validation metrics, and time per rule.
+
+    .venv/bin/python bench/summarise_demo.py [results]
+"""
+
+import glob
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
+METRICS = ["pcc_2um_pooled", "pcc_4um_pooled", "pcc_8um_pooled", "ssim_2um_pertile", "ratio_pooled"]
+
+
+def evaluation_table():
+    rows = []
+    for path in sorted(RESULTS.glob("eval/*/*/summary.json")):
+        s = json.loads(path.read_text())
+        g = pd.read_csv(path.parent / "per_gene.csv")
+        row = {"model": s["model"], "fold": s["fold"]}
+        for m in METRICS:
+            row[m] = g[m].mean()
+            if m != "ratio_pooled":
+                row[f"{m} null"] = g[f"{m}_null"].mean()
+                row[f"{m} ceiling"] = g[f"{m}_ceiling"].mean()
+        rows.append(row)
+    df = pd.DataFrame(rows).groupby("model", sort=False)
+    mean, sd = df.mean(numeric_only=True), df.std(numeric_only=True)
+    out = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for model in mean.index:
+        cells = []
+        for m in METRICS:
+            cell = f"{mean.loc[model, m]:.3f} ± {sd.loc[model, m]:.3f}"
+            if m != "ratio_pooled":
+                cell += f" (null {mean.loc[model, m + ' null']:.3f}, ceiling {mean.loc[model, m + ' ceiling']:.3f})"
+            cells.append(cell)
+        out.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def validation_table():
+    rows = []
+    for path in sorted(RESULTS.glob("models/*/*/metrics_val.json")):
+        v = json.loads(path.read_text())
+        rows.append({"model": path.parts[-3], "fold": path.parts[-2],
+                     **{k: v[k] for k in v if isinstance(v[k], (int, float)) and not isinstance(v[k], bool)}})
+    df = pd.DataFrame(rows)
+    return df.groupby("model", sort=False).mean(numeric_only=True).round(4).to_markdown()
+
+
+def time_table():
+    rows = []
+    for path in glob.glob(str(RESULTS / "benchmarks" / "**" / "*.tsv"), recursive=True):
+        rule = Path(path).relative_to(RESULTS / "benchmarks").parts[0]
+        b = pd.read_csv(path, sep="\t")
+        rows.append({"rule": rule, "s": b["s"].iloc[-1], "max_rss_mb": b["max_rss"].iloc[-1]})
+    df = pd.DataFrame(rows).groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), mean_s=("s", "mean"),
+                                                peak_rss_mb=("max_rss_mb", "max"))
+    return df.round(1).to_markdown()
+
+
+if __name__ == "__main__":
+    print("## Held-out evaluation (mean over genes; mean ± SD over folds)\n")
+    print(evaluation_table())
+    print("\n## Validation metrics (metrics_val.json, mean over folds)\n")
+    print(validation_table())
+    print("\n## Time per rule (snakemake benchmark files)\n")
+    print(time_table())

@@ -1,0 +1,69 @@
+"""Gene selection on an ingested sample: statistics over in-tissue bins, methods, errors."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sparsitytrap.errors import InputError
+from sparsitytrap.genes import select_genes
+
+
+def direct_stats(sample):
+    """Mean, variance and zero fraction per gene over the in-tissue bins, computed densely."""
+    x = sample.counts[sample.in_tissue].toarray().astype(float)
+    return pd.DataFrame(
+        {"mean": x.mean(0), "variance": x.var(0), "zero_fraction": (x == 0).mean(0)}, index=sample.gene_names
+    )
+
+
+def test_variance_picks_the_most_variable_genes_in_order(hd_sample, sdata_zarr, tmp_path):
+    table = select_genes([sdata_zarr], tmp_path / "genes.csv", method="variance", n_genes=4)
+    expected = direct_stats(hd_sample).sort_values("variance", ascending=False, kind="stable")
+    assert list(table["gene"]) == list(expected.index[:4])
+    written = pd.read_csv(tmp_path / "genes.csv")
+    assert list(written["gene"]) == list(table["gene"]) and list(written["rank"]) == [1, 2, 3, 4]
+    for col in ("mean", "variance", "zero_fraction"):
+        np.testing.assert_allclose(written[col], expected[col].iloc[:4], rtol=1e-9)
+    assert set(written["category"]) == {"Unassigned"}  # no categories file given
+
+
+def test_panel_keeps_the_file_order_and_categories(hd_sample, sdata_zarr, tmp_path):
+    panel = tmp_path / "panel.txt"
+    chosen = [hd_sample.gene_names[i] for i in (5, 0, 9)]
+    panel.write_text("# my panel\n" + "\n".join(chosen) + "\n\n")
+    cats = tmp_path / "cats.tsv"
+    cats.write_text(f"gene\tcategory\n{chosen[0]}\tImmune\n")
+    table = select_genes([sdata_zarr], tmp_path / "g.csv", method="panel", n_genes=50, panel=panel, categories=cats)
+    assert list(table["gene"]) == chosen
+    assert list(table["category"]) == ["Immune", "Unassigned", "Unassigned"]
+
+
+def test_hvg_returns_the_asked_number_of_known_genes(tmp_path):
+    """scanpy's seurat_v3 fits a loess over genes: a simulated patient (296 genes) is needed."""
+    from sparsitytrap.ingest import ingest
+    from sparsitytrap.simulate import simulate_patient
+
+    simulate_patient(tmp_path / "PX", "PX", {"seed": 3, "n_rows": 160, "n_cols": 160})
+    sdata = ingest(tmp_path / "PX" / "outs", "PX", tmp_path / "PX.zarr")
+    table = select_genes([sdata], tmp_path / "g.csv", method="hvg", n_genes=20)
+    variance = select_genes([sdata], tmp_path / "v.csv", method="variance", n_genes=20)
+    assert len(table) == 20 and table["gene"].is_unique
+    assert list(table["gene"]) != list(variance["gene"])  # a different criterion, a different choice
+
+
+@pytest.mark.parametrize(
+    "kwargs, where",
+    [
+        ({"method": "panel", "panel": "PANEL"}, "panel.txt"),
+        ({"method": "variance", "n_genes": 10_000}, "genes.n_genes"),
+        ({"method": "pca"}, "genes.method"),
+    ],
+)
+def test_bad_choices_fail_with_one_line_and_no_output(sdata_zarr, tmp_path, kwargs, where):
+    panel = tmp_path / "panel.txt"
+    panel.write_text("NOT_A_GENE\n")
+    kwargs = {k: (panel if v == "PANEL" else v) for k, v in kwargs.items()}
+    with pytest.raises(InputError) as err:
+        select_genes([sdata_zarr], tmp_path / "g.csv", **kwargs)
+    assert where in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "g.csv").exists()
