@@ -5,7 +5,7 @@ One simulated Visium HD capture area with the ``full`` preset (3250 x 3250 = 10.
 wall time are per stage. A watchdog polls the machine's memory and kills a stage that would take
 it above ``--mem-limit-gib`` (the stage is then reported as killed, not hidden).
 
-    .venv/bin/python bench/full_scale.py [--work /tmp/st_full] [--stages simulate ingest genes tile]
+    .venv/bin/python bench/full_scale.py [--work DIR (default: $TMPDIR/st_full)] [--stages simulate ingest genes tile]
 
 Stages read the previous stage's output from the work folder, so a run can be resumed with
 ``--stages``. Results accumulate in ``WORK/results.json``; the table printed at the end covers
@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def print_table(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/st_full", help="work folder (outside the repository)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "st_full"), help="work folder (outside the repository)")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     ap.add_argument("--sample", default="P1")
     ap.add_argument("--seed", type=int, default=1)
