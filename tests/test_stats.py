@@ -168,3 +168,48 @@ def test_2x2_decomposition_known_effects():
     assert out.loc["sd", "hist2st_poisson"] == pytest.approx(np.std([-0.01, 0.01, 0.02], ddof=1))
     with pytest.raises(InputError, match="no rows for decoder 'hist2st'"):
         S.decompose_2x2(table[table["decoder"] != "hist2st"], "pcc")
+
+
+# --- the workflow's stats stage on real evaluation folders ---------------------------------
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    """Evaluations of a good model (true rates) and a poor one (rates with noise) on two folds."""
+    from test_evaluate import smooth_rates, write_pred, write_tiles
+
+    from sparsitytrap.evaluate import evaluate
+
+    rng = np.random.default_rng(3)
+    grid = np.array([(r, c) for r in range(3) for c in range(3)])
+    dirs = {"good": [], "poor": []}
+    for fold in ("test-A", "test-B"):
+        rates = smooth_rates(rng, len(grid))
+        tiles = write_tiles(tmp_path / f"{fold}.zarr", rng.poisson(rates), np.ones((9, 32, 32), bool), grid)
+        noisy = rates * rng.gamma(1.0, 1.0, size=rates.shape)
+        for name, pred in (("good", rates), ("poor", noisy)):
+            out = tmp_path / "eval" / name / fold
+            evaluate(write_pred(tmp_path / f"{name}_{fold}.zarr", pred), tiles, out, model=name, fold=fold, bootstrap=0)
+            dirs[name].append(out)
+    return dirs
+
+
+def test_run_comparison_writes_consistent_tables(two_models, tmp_path):
+    out = S.run_comparison(two_models["poor"], two_models["good"], tmp_path / "cmp",
+                               metrics=("pcc_2um_pooled", "ssim_2um_pertile"), names=("poor", "good"), n_boot=200)  # fmt: skip
+    for name in S.STATS_TABLES.values():
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    s1, summary = out["s1"], out["summary"].set_index("metric")
+    for metric in ("pcc_2um_pooled", "ssim_2um_pertile"):
+        rows = s1[s1["metric"] == metric]
+        assert len(rows) == 3  # genes
+        assert summary.loc[metric, "delta_mean"] == pytest.approx(rows["delta"].mean())
+        assert summary.loc[metric, "wins"] == f"{int(rows['win'].sum())}/3"
+    # the true rates beat noisy rates on pooled PCC, and the paired tile bootstrap says so
+    pcc = summary.loc["pcc_2um_pooled"]
+    assert pcc["delta_mean"] > 0 and 0 < pcc["delta_ci_low"] <= pcc["delta_mean"] <= pcc["delta_ci_high"]
+
+
+def test_run_comparison_refuses_mismatched_folds(two_models, tmp_path):
+    with pytest.raises(InputError, match="folds"):
+        S.run_comparison(two_models["poor"], two_models["good"][::-1], tmp_path / "cmp")

@@ -1,5 +1,5 @@
 # Helpers shared by the rules: config validation, sample paths, folds, resources.
-import json
+import re
 
 from sparsitytrap import config as stconfig
 
@@ -94,8 +94,8 @@ DRAWN_FOLDS = (
 
 
 wildcard_constraints:
-    comparison="|".join(COMPARISONS) or "(?!)",
-    gene="|".join(MOSAIC_GENES) or "(?!)",
+    comparison="|".join(map(re.escape, COMPARISONS)) or "(?!)",
+    gene="|".join(map(re.escape, MOSAIC_GENES)) or "(?!)",
 
 
 def eval_dir(model, fold):
