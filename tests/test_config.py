@@ -44,6 +44,7 @@ def test_default_config_is_valid(cfg):
         (lambda c: c.update(encoder="uni"), "encoder", "not one of encoders"),
         (lambda c: c["comparisons"][0].update(b="missing_model"), "comparisons[0].b", "not declared"),
         (lambda c: c.update(folds=["P7"]), "folds", "not declared"),
+        (lambda c: c["figures"].update(folds=["test-P9"]), "figures.folds", "not a fold"),
     ],
 )
 def test_malformed_config_gets_one_readable_line(cfg, mutate, key, words):

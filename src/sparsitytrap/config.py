@@ -64,17 +64,17 @@ def _check_references(config, source):
     if ms and ms not in models:
         raise InputError(f"{source}: figures.multiscale_model", f"model {ms!r} is not declared under models")
     folds = config.get("folds", "loo")
-    drawn = config.get("figures", {}).get("folds", "all")
-    if drawn != "all":
-        for name in drawn:
-            if name not in fold_names(config):
-                raise InputError(f"{source}: figures.folds", f"{name!r} is not a fold (folds are {fold_names(config)})")
     if folds != "loo":
         for sid in folds:
             if sid not in config["samples"]:
                 raise InputError(f"{source}: folds", f"test sample {sid!r} is not declared under samples")
     if folds == "loo" and len(config["samples"]) < 2:
         raise InputError(f"{source}: folds", "leave-one-patient-out needs at least two samples")
+    drawn = config.get("figures", {}).get("folds", "all")
+    if drawn != "all":
+        for name in drawn:
+            if name not in fold_names(config):
+                raise InputError(f"{source}: figures.folds", f"{name!r} is not a fold (folds are {fold_names(config)})")
     gs = config["genes"]["samples"]
     if gs != "all":
         for sid in gs:
