@@ -175,3 +175,21 @@ def test_gene_not_in_data_names_gene_and_config_key(run, tmp_path):
     with pytest.raises(InputError, match=r"figures\.mosaic_genes.*'NOPE2'"):
         figures.multiscale_panels(run["tiles"]["P1"], run["preds"]["P1"]["B"], ["CD74", "NOPE2"], tmp_path / "ms")
     assert not list(tmp_path.iterdir())
+
+
+def test_results_table_gives_no_ratio_for_relative_scores(run, tmp_path):
+    import json
+    import shutil
+
+    dirs = []
+    for i, d in enumerate(run["eval"]["B"]):
+        copy = shutil.copytree(d, tmp_path / f"rank{i}")
+        summary = json.loads((copy / "summary.json").read_text())
+        (copy / "summary.json").write_text(json.dumps({**summary, "model": "R", "relative_scores": True}))
+        dirs.append(copy)
+    fig = figures.results_table(run["eval"]["A"] + dirs, tmp_path / "t", formats=())
+    cells = {(r, c): cell.get_text().get_text() for (r, c), cell in fig.axes[0].tables[0].get_celld().items()}
+    ratio_col = list(figures.TABLE_METRICS).index("ratio_pooled")
+    pcc_col = list(figures.TABLE_METRICS).index("pcc_2um_pooled")
+    assert cells[(2, ratio_col)].startswith("n/a") and not cells[(1, ratio_col)].startswith("n/a")
+    assert not cells[(2, pcc_col)].startswith("n/a")  # correlations stay meaningful for scores

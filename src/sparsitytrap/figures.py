@@ -33,6 +33,8 @@ TABLE_METRICS = ("pcc_2um_pooled", "pcc_4um_pooled", "pcc_8um_pooled", "ssim_2um
 BAR_METRICS = ("pcc_8um_pooled", "pcc_2um_pooled", "ssim_2um_pertile")
 CEILING_METRICS = ("pcc_2um_pooled", "pcc_8um_pooled", "scc_2um_pooled", "ssim_2um_pertile")
 HEATMAP_METRICS = ("pcc_2um_pooled", "ssim_2um_pertile")
+#: Metrics on the count scale: meaningless for a ranking model's relative scores.
+COUNT_SCALE = ("ratio_pooled", "deviance_pooled")
 GENES_KEY = "figures.mosaic_genes"
 OFF_TISSUE = "lightgrey"
 DPI = 150
@@ -150,9 +152,12 @@ def results_table(eval_dirs, out_prefix, metrics=TABLE_METRICS, formats=FORMATS)
     _require(per_gene, cols, "per_gene.csv")
     mean, sd, n = fold_means(per_gene, cols)
     models = _models(summaries)
+    relative = {s["model"] for s in summaries if s.get("relative_scores")}
     cells = [
         [
-            f"{_fmt(mean.at[mo, m], sd.at[mo, m], n.at[mo, m])}\n"
+            "n/a: relative scores, not counts"
+            if mo in relative and m in COUNT_SCALE
+            else f"{_fmt(mean.at[mo, m], sd.at[mo, m], n.at[mo, m])}\n"
             f"null {_fmt(mean.at[mo, m + '_null'], np.nan, 1)} | ceiling {_fmt(mean.at[mo, m + '_ceiling'], np.nan, 1)}"
             for m in metrics
         ]
