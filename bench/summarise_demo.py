@@ -20,19 +20,24 @@ def evaluation_table():
     for path in sorted(RESULTS.glob("eval/*/*/summary.json")):
         s = json.loads(path.read_text())
         g = pd.read_csv(path.parent / "per_gene.csv")
-        row = {"model": s["model"], "fold": s["fold"]}
+        row = {"model": s["model"], "fold": s["fold"], "relative": s.get("relative_scores", False)}
         for m in METRICS:
             row[m] = g[m].mean()
             if m != "ratio_pooled":
                 row[f"{m} null"] = g[f"{m}_null"].mean()
                 row[f"{m} ceiling"] = g[f"{m}_ceiling"].mean()
         rows.append(row)
-    df = pd.DataFrame(rows).groupby("model", sort=False)
+    frame = pd.DataFrame(rows)
+    relative = set(frame.loc[frame["relative"], "model"])
+    df = frame.drop(columns="relative").groupby("model", sort=False)
     mean, sd = df.mean(numeric_only=True), df.std(numeric_only=True)
     out = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for model in mean.index:
         cells = []
         for m in METRICS:
+            if m == "ratio_pooled" and model in relative:
+                cells.append("n/a (relative scores)")
+                continue
             cell = f"{mean.loc[model, m]:.3f} ± {sd.loc[model, m]:.3f}"
             if m != "ratio_pooled":
                 cell += f" (null {mean.loc[model, m + ' null']:.3f}, ceiling {mean.loc[model, m + ' ceiling']:.3f})"
