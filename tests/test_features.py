@@ -5,7 +5,8 @@ import zarr
 
 from sparsitytrap.encoder import build_encoder, token_grid
 from sparsitytrap.errors import InputError
-from sparsitytrap.features import DIHEDRAL, apply, cache_features, inverse
+from sparsitytrap.features import cache_features
+from sparsitytrap.views import DIHEDRAL, apply, inverse
 
 # A tiny real timm ViT (random weights): 14 x 14 tokens of width 32.
 TINY_ENCODER = {

@@ -8,6 +8,7 @@ import torch
 from scipy.stats import nbinom
 
 from sparsitytrap.errors import InputError
+from sparsitytrap.bins import pool_mask, sum_pool
 from sparsitytrap.losses import (
     GradNorm,
     MultiScaleLoss,
@@ -15,8 +16,6 @@ from sparsitytrap.losses import (
     STRankLoss,
     build_loss,
     draw_partners,
-    pool_mask,
-    sum_pool,
 )
 
 ALL = ["poisson", "mse", "mse_log1p", "nb", "strank_pair", "strank_list", "multiscale"]
@@ -246,19 +245,6 @@ def test_very_large_counts_are_finite(name):
     value = loss(x, torch.full_like(target, 1e6), mask)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-
-
-def test_sum_pool_conserves_counts_and_pools_mask():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.poisson(torch.full((2, 3, 16, 16), 0.3), generator=gen)
-    for k in (1, 2, 4, 8):
-        pooled = sum_pool(x, k)
-        assert pooled.shape == (2, 3, 16 // k, 16 // k)
-        torch.testing.assert_close(pooled.sum(dim=(2, 3)), x.sum(dim=(2, 3)))
-        assert pooled[0, 1, 0, 0] == pytest.approx(float(x[0, 1, :k, :k].sum()))
-    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
-    mask[0, 5, 2] = True
-    assert pool_mask(mask, 4).tolist() == [[[False, False], [True, False]]]
 
 
 def test_multiscale_per_scale_losses_match_formula():

@@ -29,18 +29,6 @@ def structured(seed, t=32, g=3, n=32, sigma=1.5):
     return torch.tensor(rate), torch.tensor(rng.poisson(rate)), torch.ones(t, n, n, dtype=torch.bool)
 
 
-def test_sum_pool_conserves_counts_and_matches_avg_pool():
-    rate, counts, mask = batch(0, h=16, w=16)
-    for k in (2, 4):
-        pooled = M.sum_pool(counts, k)
-        assert not pooled.is_floating_point()  # integer counts stay exact integers
-        assert torch.equal(pooled.sum(dim=(2, 3)), counts.sum(dim=(2, 3)))
-        ref = F.avg_pool2d(rate, k) * k * k
-        torch.testing.assert_close(M.sum_pool(rate, k), ref)
-        ref_mask = F.max_pool2d(mask[:, None].float(), k)[:, 0] > 0
-        assert torch.equal(M.pool_mask(mask, k), ref_mask)
-
-
 def test_pooled_pearson_streams_like_scipy_with_offset():
     rate, counts, mask = batch(1, t=5)
     rate = rate + 1e5  # a large offset must not cancel catastrophically

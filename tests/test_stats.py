@@ -120,30 +120,6 @@ def test_compare_rejects_bad_tables():
         S.compare(pd.concat([good, good]), good, "pcc")
 
 
-def test_bootstrap_ci_contains_true_mean_and_is_reproducible():
-    rng = np.random.default_rng(1)
-    values = rng.normal(0.3, 0.1, size=2000)
-    est, lo, hi = S.bootstrap_ci(values, n_boot=500, seed=7)
-    assert lo < 0.3 < hi and lo < est < hi
-    assert hi - lo == pytest.approx(2 * 1.96 * 0.1 / np.sqrt(2000), rel=0.2)
-    assert S.bootstrap_ci(values, n_boot=500, seed=7) == (est, lo, hi)
-    assert S.bootstrap_ci(values, n_boot=500, seed=8) != (est, lo, hi)
-
-
-def test_bootstrap_ci_per_gene_with_nan_tiles():
-    rng = np.random.default_rng(2)
-    values = rng.normal([0.1, 0.5, 0.9], 0.05, size=(1000, 3))
-    values[::3, 1] = np.nan  # undefined tiles are left out of the mean
-    est, lo, hi = S.bootstrap_ci(values, n_boot=300, seed=0, ci=0.9)
-    assert est.shape == lo.shape == hi.shape == (3,)
-    assert ((lo < est) & (est < hi)).all()
-    n = np.isfinite(values).sum(0)  # gene 1: the NaN tiles widen its interval
-    np.testing.assert_allclose(hi - lo, 2 * 1.645 * np.nanstd(values, axis=0) / np.sqrt(n), rtol=0.2)
-    assert est[1] == pytest.approx(np.nanmean(values[:, 1]))
-    with pytest.raises(InputError, match="ci"):
-        S.bootstrap_ci(values, ci=1.5)
-
-
 def test_2x2_decomposition_known_effects():
     base, loss, decoder, inter = 0.2, 0.1, 0.05, 0.04
     rows = []

@@ -223,7 +223,7 @@ def test_predictions_follow_the_tile_store(straight_run, cohort):
 
 
 def test_predictions_with_tta_average_the_eight_views(straight_run, cohort, tmp_path):
-    from sparsitytrap.features import inverse
+    from sparsitytrap.views import inverse
     from sparsitytrap.predict import write_predictions
 
     out, _ = straight_run

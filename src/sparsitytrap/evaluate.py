@@ -17,7 +17,6 @@ patient at once). Three sets of per-gene metrics are computed
 Outputs in ``out_dir``: ``per_gene.csv``, ``per_tile.parquet``, ``summary.json``.
 """
 
-import json
 import logging
 import math
 import re
@@ -29,8 +28,13 @@ import torch
 import zarr
 
 from . import metrics as M
+from .bootstrap import interval, replicates
+from .bins import pool_masked
 from .errors import InputError
-from .io import atomic_path, write_csv
+from .io import write_csv
+from .stores import evaluation as store
+from .stores.predictions import open_predictions
+from .stores.tiles import open_tiles
 
 log = logging.getLogger(__name__)
 
@@ -62,79 +66,13 @@ SCORES = (
 )
 #: Scores where higher is better and 0 is chance: these get a fraction of the ceiling.
 SIMILARITIES = tuple(s for s in SCORES if s.startswith(("pcc_", "scc_", "ssim_")))
-#: Sufficient statistics kept per (tile, gene) and scale, so that pooled PCC can be bootstrapped over tiles.
-SUMS = ("n", "x", "y", "xx", "yy", "xy")
-
-
-# ---------------------------------------------------------------------------------------------
-# reading the stores
-
-
-def open_tiles(tiles_zarr):
-    """Open a tile store read-only and check the arrays evaluation needs.
-
-    Returns
-    -------
-    zarr.Group with ``counts``, ``mask``, ``grid``, ``bin_origin`` and attribute ``genes``.
-    """
-    try:
-        tiles = zarr.open_group(str(tiles_zarr), mode="r")
-    except Exception as err:  # zarr raises several types for a missing or foreign folder
-        raise InputError(tiles_zarr, f"cannot open the tile store ({type(err).__name__})") from None
-    for name in ("counts", "mask", "grid", "bin_origin"):
-        if name not in tiles:
-            raise InputError(tiles_zarr, f"tile store has no array {name!r}")
-    genes = tiles.attrs.get("genes")
-    if not genes or len(genes) != tiles["counts"].shape[1]:
-        raise InputError(tiles_zarr, "attribute 'genes' is missing or does not match counts' gene axis")
-    return tiles
-
-
-def open_predictions(pred_zarr, shape=None):
-    """Open a predictions store written by :func:`sparsitytrap.predict.predict`.
-
-    Parameters
-    ----------
-    pred_zarr
-        Path of ``predictions.zarr``: a zarr group with array ``rates`` ``[T, G, H, W]`` and attrs
-        (``genes``, ``model``, ``fold``, ``sample``, ``relative``); a bare array is accepted too.
-    shape
-        Expected shape (the tile store's ``counts``); a mismatch raises :class:`InputError`.
-
-    Returns
-    -------
-    rates, attrs
-        The zarr array (read lazily) and the store's attributes as a dict.
-    """
-    try:
-        node = zarr.open(str(pred_zarr), mode="r")
-    except Exception as err:
-        raise InputError(pred_zarr, f"cannot open the predictions store ({type(err).__name__})") from None
-    attrs = dict(node.attrs)
-    if isinstance(node, zarr.Group):
-        if "rates" not in node:
-            raise InputError(pred_zarr, f"no array 'rates' (found {sorted(node.array_keys())})")
-        node = node["rates"]
-    if shape is not None and tuple(node.shape) != tuple(shape):
-        raise InputError(pred_zarr, f"shape {tuple(node.shape)} does not match the tile store's counts {tuple(shape)}")
-    return node, attrs
 
 
 def _truth_window(truth_zarr, genes, origin, tile_bins):
-    """True expected counts ``[G, tile_bins, tile_bins]`` of one tile; bins outside the truth are 0.
+    """True expected counts ``[G, tile_bins, tile_bins]`` of one tile (:func:`.stores.truth.truth_window`)."""
+    from .stores.truth import truth_window
 
-    ``truth_rate`` returns the diffused rate *without* the capture efficiency unless asked:
-    the counts are Poisson(rate x efficiency), so the expected count needs ``with_efficiency``.
-    """
-    from .simulate import truth_rate
-
-    r0, c0 = int(origin[0]), int(origin[1])
-    rows, cols = slice(max(r0, 0), r0 + tile_bins), slice(max(c0, 0), c0 + tile_bins)
-    rate = truth_rate(truth_zarr, genes, rows=rows, cols=cols, diffused=True, with_efficiency=True)
-    out = np.zeros((len(genes), tile_bins, tile_bins), dtype=np.float32)
-    h, w = rate.shape[1:]
-    out[:, rows.start - r0 : rows.start - r0 + h, cols.start - c0 : cols.start - c0 + w] = rate
-    return out
+    return truth_window(truth_zarr, genes, origin, tile_bins)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,46 +80,27 @@ def _truth_window(truth_zarr, genes, origin, tile_bins):
 
 
 def tile_sums(pred, target, mask, k):
-    """Per (tile, gene) n and sums x, y, xx, yy, xy over tissue bins, after sum-pooling by ``k``.
+    """Per (tile, gene) pooled-Pearson sums and tissue ranges, after sum-pooling by ``k``.
 
-    Summing these over any multiset of tiles gives that multiset's pooled Pearson, so a
+    Summing the sums over any multiset of tiles (and taking the min and max of the ranges) gives
+    that multiset's pooled Pearson by :func:`sparsitytrap.metrics.pearson_from_sums`, so a
     bootstrap over tiles needs no second pass over the data.
 
     Returns
     -------
-    ``[T, G, 6]`` float64 numpy array, in the order of :data:`SUMS`.
+    ``[T, G, 10]`` float64 numpy array: :data:`SUMS` then :data:`RANGES` (NaN range: no tissue).
     """
-    x, y, m = M.pool_batch(pred.to(M.F64), target.to(M.F64), mask, k)
-    mf = m[:, None].to(M.F64)
+    x, y, m = pool_masked(pred.to(M.F64), target.to(M.F64), mask, k)
+    tissue = m[:, None].expand_as(x)
+    mf = tissue.to(M.F64)
     x, y = x * mf, y * mf
-    n = mf.sum((2, 3)).expand(x.shape[:2])
+    n = mf.sum((2, 3))
     parts = [n, x.sum((2, 3)), y.sum((2, 3)), (x * x).sum((2, 3)), (y * y).sum((2, 3)), (x * y).sum((2, 3))]
+    inf = torch.tensor(float("inf"), dtype=M.F64)
+    for v in (x, y):
+        lo, hi = torch.where(tissue, v, inf).amin((2, 3)), torch.where(tissue, v, -inf).amax((2, 3))
+        parts += [torch.where(n > 0, lo, torch.nan), torch.where(n > 0, hi, torch.nan)]
     return torch.stack(parts, dim=-1).numpy()
-
-
-def pearson_from_sums(s):
-    """Pearson from summed sufficient statistics ``[..., 6]`` (order :data:`SUMS`); NaN if undefined."""
-    s = np.asarray(s, dtype=np.float64)
-    n, sx, sy, sxx, syy, sxy = np.moveaxis(s, -1, 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cxx, cyy, cxy = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
-        r = cxy / np.sqrt(cxx * cyy)
-    # a side constant up to rounding has no correlation
-    bad = (n < 2) | (cxx <= 1e-12 * np.abs(sxx)) | (cyy <= 1e-12 * np.abs(syy))
-    return np.where(bad, np.nan, np.clip(r, -1, 1))
-
-
-def gene_mean(values):
-    """Mean over the last axis (genes) ignoring NaN; NaN, without a warning, where none is defined."""
-    ok = np.isfinite(values)
-    n = ok.sum(-1)
-    return np.where(n > 0, np.where(ok, values, 0.0).sum(-1) / np.maximum(n, 1), np.nan)
-
-
-def bootstrap_weights(n_tiles, n_boot, seed):
-    """``[n_boot, n_tiles]`` multiplicities of tiles drawn with replacement (rows sum to n_tiles)."""
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n_tiles, np.full(n_tiles, 1.0 / n_tiles), size=n_boot).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,45 +170,9 @@ def _per_tile_frame(genes, grid, per_tile, sums):
         cols[RENAME.get(name, name)] = v.reshape(-1)
     for k, s in sums.items():
         um = f"{2 * k}um"
-        for i, part in enumerate(SUMS):
-            cols[f"sum_{part}_{um}"] = s[..., i].reshape(-1)
+        for i, col in enumerate(store.sum_columns(um) + store.range_columns(um)):
+            cols[col] = s[..., i].reshape(-1)
     return pd.DataFrame(cols)
-
-
-def tile_bootstrap(per_tile, metric, n_boot, seed):
-    """Bootstrap replicates (test tiles resampled with replacement) of the mean over genes of a metric.
-
-    Pooled PCC is recomputed from the per-tile sums, a per-tile metric re-averaged over the drawn
-    tiles (NaN tiles left out).
-
-    Parameters
-    ----------
-    per_tile
-        The ``per_tile.parquet`` table of one evaluation.
-    metric
-        ``pcc_{2,4,8}um_pooled`` or a per-tile column such as ``ssim_2um_pertile``.
-    n_boot, seed
-        Number of resamples and their seed.
-
-    Returns
-    -------
-    ``[n_boot]`` float array, or None when the metric cannot be resampled from ``per_tile``.
-    """
-    n_tiles = int(per_tile["tile"].max()) + 1
-    n_genes = len(per_tile) // n_tiles
-    w = bootstrap_weights(n_tiles, n_boot, seed)
-    pooled = re.fullmatch(r"pcc_(\d+um)_pooled", metric)
-    if pooled and f"sum_n_{pooled[1]}" in per_tile.columns:
-        s = per_tile[[f"sum_{p}_{pooled[1]}" for p in SUMS]].to_numpy().reshape(n_tiles, n_genes, len(SUMS))
-        # chunks of 100 resamples bound the memory to 100 x genes x 6 floats
-        r = [pearson_from_sums(np.einsum("bt,tgs->bgs", w[i : i + 100], s)) for i in range(0, len(w), 100)]
-        return gene_mean(np.concatenate(r))
-    if metric in per_tile.columns:
-        v = per_tile[metric].to_numpy().reshape(n_tiles, n_genes)
-        ok = np.isfinite(v)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return gene_mean((w @ np.where(ok, v, 0.0)) / (w @ ok))
-    return None
 
 
 def _bootstrap(per_tile, n_boot, seed):
@@ -297,14 +180,7 @@ def _bootstrap(per_tile, n_boot, seed):
     if n_boot <= 0:
         return {}
     metrics = ("pcc_2um_pooled", "pcc_4um_pooled", "pcc_8um_pooled", "ssim_2um_pertile")
-    return {m: _interval(tile_bootstrap(per_tile, m, n_boot, seed)) for m in metrics}
-
-
-def _interval(values):
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return [None, None]
-    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+    return {m: interval(replicates(per_tile, m, n_boot, seed)) for m in metrics}
 
 
 def _clean(x):
@@ -320,7 +196,7 @@ def _clean(x):
     return x
 
 
-def _protocol(fold, sample, ceiling_kind, shuffle_seed, batch_tiles, ssim_min_tissue, n_boot):
+def _protocol(fold, sample, ceiling_kind, shuffle_seed, batch_tiles, ssim_min_tissue, n_boot, boot_seed):
     simulated = ceiling_kind == "simulated truth"
     return {
         "fold": fold,
@@ -342,7 +218,8 @@ def _protocol(fold, sample, ceiling_kind, shuffle_seed, batch_tiles, ssim_min_ti
             "(half-depth values are not comparable to full depth)"
         ),
         "frac_ceiling": "model score / ceiling score, per gene",
-        "bootstrap": f"{n_boot} resamples of test tiles with replacement; 95 % percentile interval of the mean over genes",
+        "bootstrap": f"{n_boot} resamples of test tiles with replacement (seed {boot_seed}); 95 % percentile "
+        "interval of the mean over genes",
         "batch_tiles": batch_tiles,
     }
 
@@ -365,8 +242,8 @@ def ceiling_table(tiles_zarr, *, truth_zarr=None, batch_tiles=4, seed=7, ssim_mi
     pandas.DataFrame: gene, ceiling_kind and the columns of :data:`SCORES`.
     """
     tiles = open_tiles(tiles_zarr)
-    counts, mask, genes = tiles["counts"], tiles["mask"], list(tiles.attrs["genes"])
-    origins = np.asarray(tiles["bin_origin"][:])
+    counts, mask, genes = tiles.counts, tiles.mask, tiles.genes
+    origins = np.asarray(tiles.bin_origin[:])
     gm = _metrics(len(genes), ssim_min_tissue, str(truth_zarr or tiles_zarr))
     for t0, t1 in _batches(counts.shape[0], int(batch_tiles)):
         y = torch.from_numpy(np.asarray(counts[t0:t1]))
@@ -408,7 +285,7 @@ def _read_ceiling(path, genes):
 
 def _stream(pred, tiles, perm, batch_tiles, ssim_min_tissue, source):
     """Model and label-shuffle metrics, and per-tile sums, over tile batches (partners read by index)."""
-    counts, mask = tiles["counts"], tiles["mask"]
+    counts, mask = tiles.counts, tiles.mask
     n_tiles, n_genes = counts.shape[:2]
     gm_model, gm_null = _metrics(n_genes, ssim_min_tissue, source), _metrics(n_genes, ssim_min_tissue, source)
     sums = {k: [] for k in SCALES}
@@ -438,6 +315,7 @@ def evaluate(
     batch_tiles=4,
     shuffle_seed=7,
     bootstrap=1000,
+    bootstrap_seed=7,
     ssim_min_tissue=0.05,
 ):
     """Evaluate one (model, fold) on its test patient, streaming tile batches.
@@ -466,9 +344,9 @@ def evaluate(
         Tiles per batch (memory: a few ``batch_tiles * G * 128 * 128 * 8`` bytes; the pooled
         Spearman keeps ``2 * tissue bins * G * 4`` bytes per set of metrics).
     shuffle_seed
-        Seed of the label-shuffle derangement, the split-half thinning and the bootstrap.
-    bootstrap
-        Resamples of tiles for the confidence intervals in ``summary.json`` (0: none).
+        Seed of the label-shuffle derangement and of the split-half thinning.
+    bootstrap, bootstrap_seed
+        Resamples of tiles for the confidence intervals in ``summary.json`` (0: none), and their seed.
     ssim_min_tissue
         SSIM is computed on tiles with a tissue fraction above this.
 
@@ -480,8 +358,9 @@ def evaluate(
     if int(batch_tiles) < 1:
         raise InputError("evaluation.batch_tiles", f"must be >= 1, got {batch_tiles}")
     tiles = open_tiles(tiles_zarr)
-    pred, attrs = open_predictions(pred_zarr, tiles["counts"].shape)
-    genes, sample = list(tiles.attrs["genes"]), tiles.attrs.get("sample")
+    store_p = open_predictions(pred_zarr, tiles.counts.shape)
+    pred, attrs = store_p.rates, store_p.attrs
+    genes, sample = tiles.genes, tiles.sample
     if attrs.get("genes") is not None and list(attrs["genes"]) != genes:
         raise InputError(pred_zarr, "attribute 'genes' differs from the tile store's genes (order or names)")
     if attrs.get("sample") and sample and attrs["sample"] != sample:
@@ -496,21 +375,21 @@ def evaluate(
             seed=shuffle_seed,
             ssim_min_tissue=ssim_min_tissue,
         )
-    perm = M.shuffle_pairs(tiles["counts"].shape[0], shuffle_seed)
+    perm = M.shuffle_pairs(tiles.n_tiles, shuffle_seed)
     gm_model, gm_null, sums = _stream(pred, tiles, perm, int(batch_tiles), ssim_min_tissue, str(pred_zarr))
     model = model or attrs.get("model") or pred_zarr.parent.parent.name
     fold = fold or attrs.get("fold") or pred_zarr.parent.name
     table = per_gene_table(
         _table(gm_model, genes), _table(gm_null, genes), ceiling, genes, fold, _categories(genes_csv)
     )
-    per_tile = _per_tile_frame(genes, np.asarray(tiles["grid"][:]), gm_model.per_tile(), sums)
+    per_tile = _per_tile_frame(genes, np.asarray(tiles.grid[:]), gm_model.per_tile(), sums)
     summary = {
         "model": model,
         "fold": fold,
         "test_sample": sample,
         # scores of a ranking model are not counts: ratio and deviance do not apply to them
-        "relative_scores": bool(attrs.get("relative", False)),
-        "n_tiles": int(tiles["counts"].shape[0]),
+        "relative_scores": store_p.relative,
+        "n_tiles": tiles.n_tiles,
         "n_genes": len(genes),
         "n_tissue_bins": int(table["n_tissue_bins"].iloc[0]),
         "protocol": _protocol(
@@ -521,19 +400,16 @@ def evaluate(
             int(batch_tiles),
             ssim_min_tissue,
             int(bootstrap),
+            bootstrap_seed,
         ),
         "mean_over_genes": {
             c: float(np.nanmean(table[c])) if table[c].notna().any() else None
             for c in table.columns
             if c not in ("fold", "gene", "category", "n_tissue_bins", "ssim_2um_pairs")
         },
-        "ci95": _bootstrap(per_tile, int(bootstrap), [shuffle_seed, 2]),
+        "ci95": _bootstrap(per_tile, int(bootstrap), bootstrap_seed),
     }
-    write_csv(table, out_dir / "per_gene.csv")
-    with atomic_path(out_dir / "per_tile.parquet") as tmp:
-        per_tile.to_parquet(tmp, index=False)
-    with atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(_clean(summary), indent=2) + "\n")
+    store.write(out_dir, table, per_tile, _clean(summary))
     return table
 
 

@@ -10,7 +10,6 @@ Figures are built with the object-oriented API (no pyplot state): safe in long-l
 and independent of the display backend.
 """
 
-import json
 import re
 import textwrap
 from pathlib import Path
@@ -24,8 +23,12 @@ from matplotlib.figure import Figure
 
 from . import metrics as M
 from . import stats
+from .bins import pool_mask, sum_pool
 from .errors import InputError
-from .evaluate import open_predictions, open_tiles, tile_bootstrap
+from .bootstrap import fold_mean, interval
+from .stores import evaluation
+from .stores.predictions import open_predictions
+from .stores.tiles import open_tiles
 from .io import atomic_path
 
 FORMATS = ("png", "pdf")
@@ -82,14 +85,8 @@ def read_evaluations(eval_dirs):
     """
     frames, summaries = [], []
     for d in map(Path, eval_dirs):
-        for name in ("per_gene.csv", "summary.json"):
-            if not (d / name).is_file():
-                raise InputError(d, f"no {name}: not an evaluation folder")
-        summary = json.loads((d / "summary.json").read_text())
-        df = pd.read_csv(d / "per_gene.csv")
-        df["model"], df["fold"] = summary["model"], summary["fold"]
-        frames.append(df)
-        summaries.append({**summary, "dir": str(d)})
+        frames.append(evaluation.read_per_gene(d))
+        summaries.append({**evaluation.read_summary(d), "dir": str(d)})
     if not frames:
         raise InputError("eval_dirs", "no evaluation folders given")
     return pd.concat(frames, ignore_index=True), summaries
@@ -212,16 +209,9 @@ def bootstrap_interval(summaries, metric, n_boot=1000, seed=0):
 
     Returns ``(low, high)``, or ``(nan, nan)`` when the metric is not resampled per tile.
     """
-    reps = []
-    for i, s in enumerate(summaries):
-        per_tile = pd.read_parquet(Path(s["dir"]) / "per_tile.parquet")
-        r = tile_bootstrap(per_tile, metric, n_boot, [seed, i])
-        if r is None:
-            return np.nan, np.nan
-        reps.append(r)
-    mean = np.mean(reps, axis=0)
-    mean = mean[np.isfinite(mean)]
-    return tuple(np.percentile(mean, [2.5, 97.5])) if len(mean) else (np.nan, np.nan)
+    reps = fold_mean([evaluation.read_per_tile(s["dir"]) for s in summaries], metric, n_boot, seed)
+    low, high = interval(reps) if reps is not None else (None, None)
+    return (np.nan, np.nan) if low is None else (low, high)
 
 
 def bar_chart(eval_dirs, out_prefix, metrics=BAR_METRICS, n_boot=1000, seed=0, collapse=1.5, formats=FORMATS):
@@ -463,8 +453,8 @@ def gene_index(genes, gene, key=GENES_KEY, source="tile store"):
 def _pool(x, mask, k):
     """Sum-pool a ``[H, W]`` map over tissue bins by ``k``; off-tissue (max-pooled mask) becomes NaN."""
     x, m = torch.from_numpy(np.asarray(x, dtype=np.float64)), torch.from_numpy(np.asarray(mask, dtype=bool))
-    v = M.sum_pool(x * m, k).numpy()
-    return np.where(M.pool_mask(m, k).numpy(), v, np.nan)
+    v = sum_pool(x * m, k).numpy()
+    return np.where(pool_mask(m, k).numpy(), v, np.nan)
 
 
 def _image_tile(image, px):
@@ -477,11 +467,12 @@ def _predictions(predictions, tiles, tiles_zarr):
     """Open each prediction store, checking shape, genes and sample against the tile store."""
     out = {}
     for name, path in predictions.items():
-        rates, attrs = open_predictions(path, tiles["counts"].shape)
-        if attrs.get("genes") is not None and list(attrs["genes"]) != list(tiles.attrs["genes"]):
+        store = open_predictions(path, tiles.counts.shape)
+        rates, attrs = store.rates, store.attrs
+        if attrs.get("genes") is not None and list(attrs["genes"]) != tiles.genes:
             raise InputError(path, f"genes differ from those of {tiles_zarr}")
-        if attrs.get("sample") and tiles.attrs.get("sample") and attrs["sample"] != tiles.attrs["sample"]:
-            raise InputError(path, f"predicts sample {attrs['sample']!r}, not {tiles.attrs['sample']!r}")
+        if attrs.get("sample") and tiles.sample and attrs["sample"] != tiles.sample:
+            raise InputError(path, f"predicts sample {attrs['sample']!r}, not {tiles.sample!r}")
         out[name] = rates
     return out
 
@@ -545,25 +536,25 @@ def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=True, pool=4,
     matplotlib.figure.Figure
     """
     tiles = open_tiles(tiles_zarr)
-    g = gene_index(list(tiles.attrs["genes"]), gene, source=str(tiles_zarr))
+    g = gene_index(tiles.genes, gene, source=str(tiles_zarr))
     preds = _predictions(predictions, tiles, tiles_zarr)
-    tb = int(tiles["counts"].shape[-1])
+    tb = int(tiles.counts.shape[-1])
     if tb % pool:
         raise InputError("pool", f"{pool} does not divide the tile size {tb}")
-    grid = np.asarray(tiles["grid"][:])
+    grid = np.asarray(tiles.grid[:])
     rows, cols = (int(v) for v in tiles.attrs.get("grid_shape", grid.max(0) + 1))
     d = tb // pool
     he = np.full((rows * he_px, cols * he_px, 3), 211, np.uint8)  # lightgrey where no tile
     maps = {name: np.full((rows * d, cols * d), np.nan) for name in ["truth", *preds]}
     for t, (r, c) in enumerate(grid):
-        m = np.asarray(tiles["mask"][t])
-        he[r * he_px : (r + 1) * he_px, c * he_px : (c + 1) * he_px] = _image_tile(tiles["images"][t], he_px)
-        maps["truth"][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(tiles["counts"][t, g], m, pool)
+        m = np.asarray(tiles.mask[t])
+        he[r * he_px : (r + 1) * he_px, c * he_px : (c + 1) * he_px] = _image_tile(tiles.images[t], he_px)
+        maps["truth"][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(tiles.counts[t, g], m, pool)
         for name, rates in preds.items():
             maps[name][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(rates[t, g], m, pool)
     extent = (0, cols, rows, 0)
     # a ranking model's exp(score) is not a count: it gets its own scale, or it would set everyone's
-    relative = {n for n, p in predictions.items() if open_predictions(p)[1].get("relative", False)}
+    relative = {n for n, p in predictions.items() if open_predictions(p).relative}
     counted = [n for n in maps if n not in relative]
     shared = dict(zip(counted, _scale([maps[n] for n in counted], shared_scale)))
     vlims = [shared[n] if n in shared else _scale([maps[n]], False)[0] for n in maps]
@@ -584,7 +575,7 @@ def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=True, pool=4,
                      label=f"sum per {2 * pool:g} µm bin")
     scale = "one colour scale shared by all panels" if shared_scale else "one colour scale per panel"
     fig.suptitle(
-        f"{gene}, sample {tiles.attrs.get('sample')}: {2 * pool:g} µm bins; {scale}; grey: off tissue", fontsize=9
+        f"{gene}, sample {tiles.sample}: {2 * pool:g} µm bins; {scale}; grey: off tissue", fontsize=9
     )
     save(fig, out_prefix, formats)
     return fig
@@ -592,7 +583,7 @@ def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=True, pool=4,
 
 def _tile_totals(tiles):
     """Masked total count per (tile, gene), read tile by tile: ``[T, G]``."""
-    counts, mask = tiles["counts"], tiles["mask"]
+    counts, mask = tiles.counts, tiles.mask
     return np.stack([(np.asarray(counts[t]) * np.asarray(mask[t])[None]).sum((1, 2)) for t in range(counts.shape[0])])
 
 
@@ -636,10 +627,10 @@ def rescue_panels(
     a, sa = read_evaluations([eval_dir_a])
     b, sb = read_evaluations([eval_dir_b])
     tiles = open_tiles(tiles_zarr)
-    genes = list(tiles.attrs["genes"])
+    genes = tiles.genes
     for s in (*sa, *sb):
-        if s.get("test_sample") != tiles.attrs.get("sample"):
-            raise InputError(s["dir"], f"evaluates sample {s.get('test_sample')!r}, not {tiles.attrs.get('sample')!r}")
+        if s.get("test_sample") != tiles.sample:
+            raise InputError(s["dir"], f"evaluates sample {s.get('test_sample')!r}, not {tiles.sample!r}")
     na, nb = sa[0]["model"], sb[0]["model"]
     delta = b.set_index("gene")[metric] - a.set_index("gene")[metric]
     top = delta.dropna().sort_values(ascending=False, kind="stable").head(int(top_k))
@@ -652,12 +643,12 @@ def rescue_panels(
     for row, (gene, dv) in zip(axes, top.items()):
         g = genes.index(gene)
         t = int(np.argmax(totals[:, g]))
-        m = np.asarray(tiles["mask"][t])
-        maps = [_pool(tiles["counts"][t, g], m, pool)] + [_pool(p[t, g], m, pool) for p in preds.values()]
-        row[0].imshow(np.asarray(tiles["images"][t]))
+        m = np.asarray(tiles.mask[t])
+        maps = [_pool(tiles.counts[t, g], m, pool)] + [_pool(p[t, g], m, pool) for p in preds.values()]
+        row[0].imshow(np.asarray(tiles.images[t]))
         row[0].set_xticks([]), row[0].set_yticks([])
         row[0].set_title(
-            f"{gene}: Δ = {dv:+.3f}\nH&E, tile {t} (grid {tuple(int(v) for v in tiles['grid'][t])})", fontsize=8
+            f"{gene}: Δ = {dv:+.3f}\nH&E, tile {t} (grid {tuple(int(v) for v in tiles.grid[t])})", fontsize=8
         )
         vlim = _scale(maps, True)[0]
         for ax, data, title in zip(row[1:], maps, ["truth (counts)", na, nb]):
@@ -699,9 +690,10 @@ def multiscale_panels(tiles_zarr, pred_zarr, genes, out_prefix, model=None, gene
     if not genes:
         raise InputError(genes_key, "no genes to draw")
     tiles = open_tiles(tiles_zarr)
-    names = list(tiles.attrs["genes"])
+    names = tiles.genes
     idx = [gene_index(names, gene, genes_key, str(tiles_zarr)) for gene in genes]
-    rates, attrs = open_predictions(pred_zarr, tiles["counts"].shape)
+    store = open_predictions(pred_zarr, tiles.counts.shape)
+    rates, attrs = store.rates, store.attrs
     model = model or attrs.get("model") or Path(pred_zarr).parent.parent.name
     totals = _tile_totals(tiles)
     scales = (4, 2, 1)
@@ -709,15 +701,15 @@ def multiscale_panels(tiles_zarr, pred_zarr, genes, out_prefix, model=None, gene
     axes = fig.subplots(2 * len(genes), len(scales), squeeze=False)
     for i, (gene, g) in enumerate(zip(genes, idx)):
         t = int(np.argmax(totals[:, g]))
-        m = np.asarray(tiles["mask"][t])
+        m = np.asarray(tiles.mask[t])
         for j, k in enumerate(scales):
-            maps = [_pool(tiles["counts"][t, g], m, k), _pool(rates[t, g], m, k)]
+            maps = [_pool(tiles.counts[t, g], m, k), _pool(rates[t, g], m, k)]
             vlim = _scale(maps, True)[0]  # per scale: sums grow with the bin area
             for r, (data, what) in enumerate(zip(maps, ("truth", model))):
                 im = _show(axes[2 * i + r, j], data, f"{gene} {what}, {2 * k} µm (tile {t})", vlim)
             fig.colorbar(im, ax=[axes[2 * i, j], axes[2 * i + 1, j]], shrink=0.7)
     fig.suptitle(
-        f"{model}, sample {tiles.attrs.get('sample')}: sums over 8, 4, 2 µm bins; "
+        f"{model}, sample {tiles.sample}: sums over 8, 4, 2 µm bins; "
         "colour scale shared by truth and prediction at each scale",
         fontsize=9,
     )

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsitytrap.bins import pool_mask, sum_pool
 from sparsitytrap.decoders import MAX_LOG_RATE
 from sparsitytrap.errors import InputError
 
@@ -209,27 +210,6 @@ class STRankLoss(nn.Module):
             total = total - (counts * torch.log_softmax(logits, dim=-1)).sum()
             count += counts.numel()
         return total / max(count, 1)
-
-
-def sum_pool(x, k):
-    """Count-conserving k x k pooling: ``avg_pool(k) * k * k``."""
-    return x if k == 1 else F.avg_pool2d(x, k) * (k * k)
-
-
-def pool_mask(mask, k):
-    """Tissue mask at k x coarser bins: a coarse bin is tissue if any of its fine bins is."""
-    return mask if k == 1 else F.max_pool2d(mask[:, None].float(), k)[:, 0] > 0
-
-
-def pool_output(out, mask, k, output):
-    """Decoder output at k x coarser bins: the summed rate of the window's tissue bins.
-
-    The rate is sum-pooled, then returned to the decoder's output space (log of it for log-rates
-    and scores), so the coarse output can be scored by the same loss.
-    """
-    if k == 1:
-        return out
-    return _pool_rate(_tissue_rate(out, mask, output), k, output)
 
 
 def _tissue_rate(out, mask, output):

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .bins import pool_masked
 from .errors import InputError
 
 SSIM_WIN = 7
@@ -47,38 +48,6 @@ F64 = torch.float64
 
 # ---------------------------------------------------------------------------------------------
 # pooling and small helpers
-
-
-def sum_pool(x, k):
-    """Sum over non-overlapping ``k x k`` blocks of the last two axes (count-conserving).
-
-    Equal to ``avg_pool2d(x, k) * k * k`` but exact for integer counts (summed as int64).
-
-    Parameters
-    ----------
-    x
-        Tensor ``[..., H, W]`` with ``H`` and ``W`` divisible by ``k``.
-    k
-        Block size (2: 2 um -> 4 um, 4: 2 um -> 8 um).
-    """
-    if k == 1:
-        return x
-    *lead, h, w = x.shape
-    return x.reshape(*lead, h // k, k, w // k, k).sum(dim=(-3, -1))
-
-
-def pool_mask(mask, k):
-    """Max-pool a bool mask ``[..., H, W]`` over ``k x k`` blocks: a block is tissue if any bin is."""
-    if k == 1:
-        return mask
-    *lead, h, w = mask.shape
-    return mask.reshape(*lead, h // k, k, w // k, k).any(dim=-1).any(dim=-2)
-
-
-def pool_batch(pred, target, mask, k):
-    """Mask, then sum-pool prediction and target and max-pool the mask, by ``k``."""
-    m = mask[:, None].to(pred.dtype)
-    return sum_pool(pred * m, k), sum_pool(target * m, k), pool_mask(mask, k)
 
 
 def _tissue_values(x, mask):
@@ -112,6 +81,27 @@ def average_ranks(x):
 
 def _pearson_from_centered(xc, yc, dims):
     return (xc * yc).sum(dims) / torch.sqrt((xc * xc).sum(dims) * (yc * yc).sum(dims))
+
+
+def pearson_from_sums(sums, constant):
+    """Pearson r from sufficient statistics: the one implementation of a pooled Pearson.
+
+    Parameters
+    ----------
+    sums
+        ``[..., 6]``: n and the sums of x, y, xx, yy, xy (x, y may be shifted by a constant each).
+    constant
+        ``[...]`` bool: a side is exactly constant (its min equals its max): no correlation.
+
+    Returns
+    -------
+    ``[...]`` float64 numpy array, NaN where n < 2 or a side is constant.
+    """
+    n, sx, sy, sxx, syy, sxy = np.moveaxis(np.asarray(sums, dtype=np.float64), -1, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cxx, cyy, cxy = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
+        r = np.clip(cxy / np.sqrt(cxx * cyy), -1, 1)
+    return np.where(np.asarray(constant) | (n < 2), np.nan, r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,12 +281,8 @@ class PearsonAccumulator:
         """Per-gene Pearson r, ``[G]`` numpy float64 (NaN: < 2 bins or a constant side)."""
         if self._sums is None:
             return np.full(self.n_genes, np.nan)
-        n, sx, sy, sxx, syy, sxy = self._sums
-        cxx, cyy, cxy = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
-        r = (cxy / torch.sqrt(cxx * cyy)).clamp(-1, 1)
-        const = (self._range[0] == self._range[1]) | (self._range[2] == self._range[3])
-        r = torch.where(const | (n < 2), torch.nan, r)
-        return r.cpu().numpy()
+        lo_x, hi_x, lo_y, hi_y = self._range.cpu().numpy()
+        return pearson_from_sums(self._sums.cpu().numpy().T, (lo_x == hi_x) | (lo_y == hi_y))
 
     @property
     def n_bins(self):
@@ -493,7 +479,7 @@ class GeneMetrics:
         """Add one batch: ``pred, target [T, G, H, W]``, ``mask [T, H, W]`` (tensors or arrays)."""
         pred, target, mask = check_batch(pred, target, mask, self.n_genes, max(self.scales), self.source)
         for k, (_, pooled, pertile) in self._pcc.items():
-            p, t, m = pool_batch(pred.to(F64), target.to(F64), mask, k)
+            p, t, m = pool_masked(pred.to(F64), target.to(F64), mask, k)
             pooled.update(p, t, m)
             pertile.update(p, t, m)
         if self._scc:

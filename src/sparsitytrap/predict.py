@@ -18,12 +18,16 @@ import logging
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 
 from .decoders import build_decoder, to_rate
 from .errors import InputError
-from .features import DIHEDRAL, apply, inverse, open_features, open_tiles, resolve_device
+from .device import resolve_device
+from .stores import predictions as prediction_store
+from .stores.features import open_features
+from .stores.predictions import open_predictions
+from .stores.tiles import open_tiles
+from .views import DIHEDRAL, apply, inverse
 from .io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -145,25 +149,24 @@ def write_predictions(weights, tiles, out_zarr, features=None, encoder_cfg=None,
     dev = resolve_device(device)
     model, meta = load_model(weights, dev)
     root = open_tiles(tiles)
-    n_tiles, genes = root["counts"].shape[0], list(root.attrs.get("genes", []))
+    n_tiles, genes, side = root.n_tiles, root.genes, root.tile_bins
     if genes != meta["genes"]:
         raise InputError(tiles, "genes differ from those the model was trained on")
-    side = int(root["counts"].shape[-1])
     tokens_of = _token_source(root, features, encoder_cfg, n_tiles, int(meta["in_dim"]), dev)
     relative = meta["output"] == "score"
     with atomic_path(out_zarr) as tmp:
-        out = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        rates = out.create_array("rates", shape=(n_tiles, len(genes), side, side), chunks=(1, len(genes), side, side), dtype="float16")
+        rates = prediction_store.create(tmp, (n_tiles, len(genes), side, side))
         for start in tqdm(range(0, n_tiles, batch_size), desc=f"predict {root.attrs.get('sample')}", unit="batch"):
             idx = np.arange(start, min(start + batch_size, n_tiles))
             x = (lambda v: tokens_of(idx, v)) if tta else tokens_of(idx, 0)
             pred = predict_rates(model, meta["output"], x, tta=tta)
             rates[idx[0] : idx[-1] + 1] = np.clip(pred.cpu().numpy(), 0, FLOAT16_MAX).astype(np.float16)
-        out.attrs.update(
+        prediction_store.finish(
+            tmp,
             {
                 "model": meta.get("model"),
                 "fold": meta.get("fold"),
-                "sample": root.attrs.get("sample"),
+                "sample": root.sample,
                 "genes": genes,
                 "output": meta["output"],
                 "tta": bool(tta),
@@ -178,7 +181,7 @@ def write_predictions(weights, tiles, out_zarr, features=None, encoder_cfg=None,
 def _token_source(root, features, encoder_cfg, n_tiles, in_dim, device):
     """A function ``(tile indices, view) -> tokens [B, D, h, w]`` on `device`."""
     if features is not None:
-        tokens = open_features(features, n_tiles=n_tiles)["tokens"]
+        tokens = open_features(features, n_tiles=n_tiles).tokens
         if tokens.shape[2] != in_dim:
             raise InputError(features, f"tokens of width {tokens.shape[2]}, the model was trained on {in_dim}")
         return lambda idx, v: torch.from_numpy(tokens[idx[0] : idx[-1] + 1, v].astype(np.float32)).to(device)
@@ -187,7 +190,7 @@ def _token_source(root, features, encoder_cfg, n_tiles, in_dim, device):
     from .encoder import build_encoder, token_grid
 
     encoder = build_encoder({k: v for k, v in encoder_cfg.items() if k != "name"}).to(device)
-    images = root["images"]
+    images = root.images
 
     def encode(idx, v):
         batch = torch.from_numpy(images[idx[0] : idx[-1] + 1]).permute(0, 3, 1, 2)
@@ -219,9 +222,9 @@ def write_predictions_sdata(predictions_zarr, tiles, out_zarr):
     from spatialdata.transformations import Identity
 
     root = open_tiles(tiles)
-    mask, origin = root["mask"], root["bin_origin"][:]
+    mask, origin = root.mask, root.bin_origin[:]
     affine = np.asarray(root.attrs["bin_to_pixel"], dtype=float)
-    sample = str(root.attrs.get("sample"))
+    sample = str(root.sample)
     stores = predictions_zarr if isinstance(predictions_zarr, dict) else {None: predictions_zarr}
     rows, cols, tile_of = [], [], []
     for t in range(mask.shape[0]):
@@ -261,15 +264,15 @@ def write_predictions_sdata(predictions_zarr, tiles, out_zarr):
 
 def _tissue_rates(predictions_zarr, mask):
     """[in-tissue bins, G] float32 rates of a predictions store, read one tile at a time."""
-    group = zarr.open_group(str(predictions_zarr), mode="r")
-    pred = group["rates"]
+    store = open_predictions(predictions_zarr)
+    pred = store.rates
     if pred.shape[0] != mask.shape[0]:
         raise InputError(predictions_zarr, f"{pred.shape[0]} tiles, the tile store has {mask.shape[0]}")
     x = []
     for t in range(mask.shape[0]):
         i, j = np.nonzero(mask[t])
         x.append(pred[t][:, i, j].T.astype(np.float32))
-    return np.concatenate(x), list(group.attrs["genes"])
+    return np.concatenate(x), list(store.genes)
 
 
 def _to_pixels(affine, rows, cols):

@@ -20,7 +20,10 @@ import numpy as np
 import pandas as pd
 import scipy.stats as ss
 
+from .bootstrap import interval, paired_delta
 from .errors import InputError
+from .io import write_csv
+from .stores import evaluation
 
 MIN_WILCOXON = 5
 UNASSIGNED = "Unassigned"
@@ -295,62 +298,6 @@ def compare(per_gene_a, per_gene_b, metric, categories=None, names=("A", "B")):
 
 
 # ---------------------------------------------------------------------------------------------
-# bootstrap over tiles
-
-
-def bootstrap_ci(per_tile_values, n_boot=1000, seed=0, ci=0.95):
-    """Percentile bootstrap CI of a mean over tiles (tiles resampled with replacement).
-
-    Parameters
-    ----------
-    per_tile_values
-        ``[T]`` or ``[T, G]`` per-tile metric values; NaN (an undefined tile) is left out of
-        each mean. All genes share the resampled tiles. For a paired difference between two
-        models, pass the per-tile difference.
-    n_boot
-        Bootstrap replicates.
-    seed
-        Random seed (same seed and values -> same interval).
-    ci
-        Coverage, in (0, 1).
-
-    Returns
-    -------
-    estimate, low, high
-        Floats for ``[T]`` input, ``[G]`` arrays for ``[T, G]``.
-    """
-    v = np.asarray(per_tile_values, dtype=float)
-    if v.ndim not in (1, 2) or len(v) == 0:
-        raise InputError("per_tile_values", f"need a non-empty [tiles] or [tiles, genes] array, got shape {v.shape}")
-    if not 0 < ci < 1:
-        raise InputError("ci", f"coverage must be in (0, 1), got {ci}")
-    if int(n_boot) < 1:
-        raise InputError("n_boot", f"need at least 1 bootstrap replicate, got {n_boot}")
-    flat = v.reshape(len(v), -1)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 5_000_000 // flat.size)  # bounds the [chunk, T, G] resample
-    means = []
-    with np.errstate(invalid="ignore"):
-        for start in range(0, int(n_boot), chunk):
-            idx = rng.integers(0, len(v), size=(min(chunk, int(n_boot) - start), len(v)))
-            sample = flat[idx]
-            ok = np.isfinite(sample)
-            means.append(np.where(ok, sample, 0.0).sum(1) / ok.sum(1))
-        boots = np.concatenate(means)
-        ok = np.isfinite(flat)
-        estimate = np.where(ok, flat, 0.0).sum(0) / ok.sum(0)
-    tail = 100 * (1 - ci) / 2
-    low, high = (np.full(flat.shape[1], np.nan) for _ in range(2))
-    for g in range(flat.shape[1]):  # per gene: replicates where no tile was defined are dropped
-        b = boots[:, g][np.isfinite(boots[:, g])]
-        if len(b):
-            low[g], high[g] = np.percentile(b, [tail, 100 - tail])
-    if v.ndim == 1:
-        return float(estimate[0]), float(low[0]), float(high[0])
-    return estimate, low, high
-
-
-# ---------------------------------------------------------------------------------------------
 # 2x2 factorial: decoder x loss
 
 
@@ -429,45 +376,21 @@ STATS_TABLES = {
 
 
 def _read_eval(eval_dir):
-    """``per_gene.csv`` and ``per_tile.parquet`` of one evaluation folder, with its fold name."""
-    import json
-
-    d = Path(eval_dir)
-    for name in ("per_gene.csv", "per_tile.parquet", "summary.json"):
-        if not (d / name).is_file():
-            raise InputError(d, f"no {name}: not an evaluation folder")
-    fold = json.loads((d / "summary.json").read_text())["fold"]
-    per_gene = pd.read_csv(d / "per_gene.csv").assign(fold=fold)
-    return fold, per_gene, pd.read_parquet(d / "per_tile.parquet")
+    """Fold name, ``per_gene.csv`` and ``per_tile.parquet`` of one evaluation folder."""
+    per_gene = evaluation.read_per_gene(eval_dir).drop(columns="model")
+    return per_gene["fold"].iloc[0], per_gene, evaluation.read_per_tile(eval_dir)
 
 
-def delta_ci(tiles_a, tiles_b, metric, n_boot=1000, seed=0, ci=0.95):
-    """Paired bootstrap CI over test tiles of the mean-over-genes delta B - A, averaged over folds.
-
-    Within a fold both models are resampled with the same tiles (same seed, same tile count), so
-    each replicate is a paired difference; replicates are averaged across folds.
+def delta_ci(tiles_a, tiles_b, metric, n_boot=1000, seed=0, level=0.95):
+    """Paired tile-bootstrap interval of the mean over folds of the mean-over-genes delta B - A.
 
     Returns
     -------
     low, high (NaN when the metric cannot be resampled or ``n_boot`` is 0).
     """
-    from .evaluate import tile_bootstrap
-
-    if n_boot < 1:
-        return np.nan, np.nan
-    reps = []
-    for ta, tb in zip(tiles_a, tiles_b):
-        ra, rb = tile_bootstrap(ta, metric, n_boot, seed), tile_bootstrap(tb, metric, n_boot, seed)
-        if ra is None or rb is None:
-            return np.nan, np.nan
-        reps.append(rb - ra)
-    mean = np.nanmean(np.stack(reps), axis=0)
-    mean = mean[np.isfinite(mean)]
-    if not len(mean):
-        return np.nan, np.nan
-    tail = 100 * (1 - ci) / 2
-    low, high = np.percentile(mean, [tail, 100 - tail])
-    return float(low), float(high)
+    reps = paired_delta(tiles_a, tiles_b, metric, n_boot, seed) if n_boot >= 1 else None
+    low, high = interval(reps, level) if reps is not None else (None, None)
+    return (np.nan, np.nan) if low is None else (low, high)
 
 
 def run_comparison(eval_dirs_a, eval_dirs_b, out_dir, metrics=STATS_METRICS, names=("A", "B"), categories=None,
@@ -493,8 +416,6 @@ def run_comparison(eval_dirs_a, eval_dirs_b, out_dir, metrics=STATS_METRICS, nam
     -------
     dict of DataFrames, as written.
     """
-    from .io import write_csv
-
     a = [_read_eval(d) for d in eval_dirs_a]
     b = [_read_eval(d) for d in eval_dirs_b]
     if [f for f, *_ in a] != [f for f, *_ in b]:
@@ -529,8 +450,6 @@ def run_factorial(cells, out_csv, metrics=STATS_METRICS):
     out_csv
         Output table: :func:`decompose_2x2` per metric, with a ``metric`` column.
     """
-    from .io import write_csv
-
     rows = []
     for (decoder, loss), dirs in cells.items():
         for d in dirs:

@@ -19,6 +19,7 @@ from scipy import ndimage
 from .errors import InputError
 from .io import atomic_path
 from .spaceranger import fit_bin_to_pixel
+from .stores import tiles as tile_store
 
 TABLE = "square_002um"
 BIN_UM = 2.0
@@ -53,8 +54,6 @@ def tile_sample(
     int
         Number of tiles written.
     """
-    import zarr
-
     table = _open_table(sdata_zarr)
     genes = read_gene_list(genes_csv)
     bins = read_bins(table, sdata_zarr)
@@ -72,23 +71,19 @@ def tile_sample(
     grid = np.column_stack(np.divmod(kept, grid_shape[1])).astype(np.int32)
     origin = grid * tile_bins
 
+    corners = np.stack([tile_corners(A, r0, c0, tile_bins) for r0, c0 in origin])
+    attrs = {
+        "sample": dataset_id,
+        "bin_um": BIN_UM,
+        "min_tissue_fraction": float(min_tissue_fraction),
+        "bin_to_pixel": A.tolist(),
+        "grid_shape": [int(s) for s in grid_shape],
+    }
     with atomic_path(out_zarr) as tmp:
-        store = zarr.open_group(tmp, mode="w", zarr_format=3)
-        store.attrs.update(
-            sample=dataset_id,
-            genes=list(genes),
-            tile_bins=int(tile_bins),
-            bin_um=BIN_UM,
-            image_px=int(image_px),
-            min_tissue_fraction=float(min_tissue_fraction),
-            bin_to_pixel=A.tolist(),
-            grid_shape=[int(s) for s in grid_shape],
-        )
-        store.create_array("grid", data=grid)
-        store.create_array("bin_origin", data=origin.astype(np.int32))
-        corners = np.stack([tile_corners(A, r0, c0, tile_bins) for r0, c0 in origin])
-        store.create_array("pixel_box", data=corners)
-        images, counts, mask = _create_tile_arrays(store, kept.size, len(genes), tile_bins, image_px)
+        images, counts, mask = tile_store.create(
+            tmp, n_tiles=kept.size, genes=genes, tile_bins=tile_bins, image_px=image_px, attrs=attrs,
+            grid=grid, bin_origin=origin.astype(np.int32), pixel_box=corners,
+        )  # fmt: skip
         for t, tile in enumerate(kept):  # tile by tile: one tile in memory at a time
             r0, c0 = origin[t]
             counts[t] = nonzeros.tile(tile, len(genes))
@@ -108,19 +103,6 @@ def tissue_fractions(bins, tile_bins):
     n_tiles = grid_shape[0] * grid_shape[1]
     fraction = np.bincount(tile_of_bin, weights=bins["in_tissue"] > 0, minlength=n_tiles) / tile_bins**2
     return grid_shape, tile_of_bin, fraction
-
-
-def _create_tile_arrays(store, n_tiles, n_genes, tile_bins, image_px):
-    """The per-tile arrays, one chunk per tile (written tile by tile, read tile by tile)."""
-    shapes = {
-        "images": ((n_tiles, image_px, image_px, 3), "uint8"),
-        "counts": ((n_tiles, n_genes, tile_bins, tile_bins), "int32"),
-        "mask": ((n_tiles, tile_bins, tile_bins), "bool"),
-    }
-    return [
-        store.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype)
-        for name, (shape, dtype) in shapes.items()
-    ]
 
 
 def _open_table(sdata_zarr):

@@ -41,11 +41,15 @@ from tqdm.auto import tqdm
 from . import config as stconfig
 from .decoders import build_decoder, count_parameters, to_rate
 from .errors import InputError
-from .features import DIHEDRAL, apply, open_features, open_tiles, resolve_device
+from .device import resolve_device
+from .stores.features import open_features
+from .stores.tiles import open_tiles
+from .views import DIHEDRAL, apply
 from .folds import fold_split, validation_split
 from .io import atomic_path, write_csv, write_json
 from .losses import build_loss
-from .metrics import PearsonAccumulator, pool_batch
+from .bins import pool_masked
+from .metrics import PearsonAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +278,8 @@ class TileDataset(torch.utils.data.Dataset):
         # opened lazily, once per process (DataLoader workers open their own)
         if s not in self._open:
             _, tiles, feats, _ = self.sources[s]
-            root = zarr.open_group(str(tiles), mode="r")
-            tokens = zarr.open_group(str(feats), mode="r")["tokens"] if feats is not None else None
+            root = open_tiles(tiles)
+            tokens = open_features(feats).tokens if feats is not None else None
             self._open[s] = (root, tokens)
         return self._open[s]
 
@@ -284,14 +288,14 @@ class TileDataset(torch.utils.data.Dataset):
         s, t = self.items[i]
         root, tokens = self._stores(s)
         item = {
-            "counts": torch.from_numpy(apply(root["counts"][t].astype(np.float32), v)),
-            "mask": torch.from_numpy(apply(root["mask"][t], v)),
+            "counts": torch.from_numpy(apply(root.counts[t].astype(np.float32), v)),
+            "mask": torch.from_numpy(apply(root.mask[t], v)),
             "slide": torch.tensor(self.sources[s][0]),
         }
         if tokens is not None:
             item["x"] = torch.from_numpy(tokens[t, v].astype(np.float32))
         else:
-            item["x"] = torch.from_numpy(apply(root["images"][t].transpose(2, 0, 1), v))  # uint8 [3, H, W]
+            item["x"] = torch.from_numpy(apply(root.images[t].transpose(2, 0, 1), v))  # uint8 [3, H, W]
         return item
 
 
@@ -311,10 +315,10 @@ def split_samples(tiles, features, val_fraction, block_tiles, seed, on_the_fly=F
     train_src, val_src, info = [], [], {"samples": {}}
     for s, (tpath, fpath) in enumerate(zip(tiles, features)):
         root = open_tiles(tpath)
-        genes = list(root.attrs.get("genes", []))
+        genes = root.genes
         if info.setdefault("genes", genes) != genes:
             raise InputError(tpath, "genes differ from the first training sample's (same genes.csv needed)")
-        n, side = root["counts"].shape[0], int(root["counts"].shape[-1])
+        n, side = root.n_tiles, root.tile_bins
         if info.setdefault("tile_bins", side) != side:
             raise InputError(tpath, "tile size differs from the first training sample's")
         if on_the_fly:
@@ -324,12 +328,12 @@ def split_samples(tiles, features, val_fraction, block_tiles, seed, on_the_fly=F
             raise InputError(tpath, "no feature cache given for this tile store")
         else:
             feats = open_features(fpath, n_tiles=n)
-            dim, grid = int(feats.attrs["dim"]), list(feats.attrs["grid"])
+            dim, grid = feats.dim, feats.grid
             if info.setdefault("dim", dim) != dim or info.setdefault("grid", grid) != grid:
                 raise InputError(fpath, "token width or grid differs from the first training sample's")
-        sample = root.attrs.get("sample") or Path(tpath).stem
+        sample = root.sample or Path(tpath).stem
         sample_seed = (seed + zlib.crc32(str(sample).encode())) % 2**31  # same split in every fold
-        is_val = validation_split(root["grid"][:], val_fraction, block_tiles, sample_seed)
+        is_val = validation_split(root.grid[:], val_fraction, block_tiles, sample_seed)
         train_src.append((s, tpath, fpath, np.flatnonzero(~is_val)))
         val_src.append((s, tpath, fpath, np.flatnonzero(is_val)))
         info["samples"][str(sample)] = {"tiles": n, "train": int((~is_val).sum()), "val": int(is_val.sum())}
@@ -615,7 +619,7 @@ class _Job:
             n += len(target)
             rate = to_rate(out, self.output)
             pcc2.update(rate, target, mask)
-            pcc8.update(*pool_batch(rate, target, mask, 4))
+            pcc8.update(*pool_masked(rate, target, mask, 4))
         return {"val_loss": total / max(1, n), "val_pcc_2um": _mean_over_genes(pcc2), "val_pcc_8um": _mean_over_genes(pcc8)}
 
     # -- end --------------------------------------------------------------------------------
