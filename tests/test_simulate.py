@@ -2,6 +2,9 @@
 pixel frame, and the Space Ranger folder as spatialdata-io reads it."""
 
 import json
+import shutil
+import subprocess
+import sys
 import warnings
 
 import h5py
@@ -12,8 +15,10 @@ import scipy.sparse as sp
 import tifffile
 import zarr
 
-from sparsitytrap import morphology, simulate
+from sparsitytrap import simulate
 from sparsitytrap.errors import InputError
+from sparsitytrap.simulate import morphology
+from sparsitytrap.stores import truth as truth_store
 
 SMALL = {"seed": 7, "n_rows": 136, "n_cols": 128, "capture_efficiency": 1.1}
 
@@ -130,6 +135,44 @@ def test_diffusion_conserves_and_truth_matches(patient):
     )
     with pytest.raises(InputError, match="NOTAGENE"):
         simulate.truth_rate(patient / "truth.zarr", ["NOTAGENE"])
+
+
+def test_truth_store_checks_and_reads_factored(patient, tmp_path):
+    """stores.truth alone reads the truth: it refuses a store missing an array, and its rates are
+    the programmes x loadings product (also for a tile hanging over the grid's edge)."""
+    root = truth_store.open_truth(patient / "truth.zarr")
+    load = root[truth_store.LOADINGS][:]
+    dif = root[truth_store.PROGRAMMES_DIFFUSED][:]
+    eff = root.attrs[truth_store.ATTR_CAPTURE_EFFICIENCY]
+    genes = ["ACTB", "PIGR"]
+    idx = [list(root.attrs[truth_store.ATTR_GENE_NAMES]).index(g) for g in genes]
+    rate = truth_store.truth_rate(patient / "truth.zarr", genes, rows=slice(10, 50), cols=slice(20, 60))
+    np.testing.assert_allclose(rate, np.tensordot(load[:, idx].T, dif[:, 10:50, 20:60], axes=(1, 0)), rtol=1e-6)
+    assert simulate.truth_rate is truth_store.truth_rate  # the old import path is the same function
+    # A tile over the top and right edges (rows -8..55, cols 100..163 of a 136 x 128 grid):
+    # expected counts inside, zeros outside.
+    win = truth_store.truth_window(patient / "truth.zarr", genes, (-8, 100), 64)
+    assert win.shape == (2, 64, 64) and not win[:, :8].any() and not win[:, :, 28:].any()
+    inside = eff * np.tensordot(load[:, idx].T, dif[:, :56, 100:], axes=(1, 0))
+    np.testing.assert_allclose(win[:, 8:, :28], inside, rtol=1e-6)
+
+    broken = tmp_path / "truth.zarr"
+    shutil.copytree(patient / "truth.zarr", broken)
+    shutil.rmtree(broken / truth_store.LOADINGS)
+    with pytest.raises(InputError, match=r"truth\.zarr: truth store has no array 'loadings'"):
+        truth_store.open_truth(broken)
+    with pytest.raises(InputError, match="no array 'loadings'"):
+        truth_store.truth_rate(broken, genes)
+    with pytest.raises(InputError, match="does not exist"):
+        truth_store.open_truth(tmp_path / "missing.zarr")
+
+
+def test_truth_store_does_not_load_the_simulator():
+    """Readers of truth.zarr (evaluate) must not pay for the simulator's imports."""
+    heavy = "'sparsitytrap.simulate', 'scipy.signal', 'scipy.ndimage'"
+    code = f"import sys, sparsitytrap.stores.truth; print([m for m in ({heavy}) if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]", out
 
 
 def test_image_follows_the_geometry(patient):

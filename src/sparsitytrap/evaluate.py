@@ -9,7 +9,7 @@ patient at once). Three sets of per-gene metrics are computed
   ``perm`` a random derangement (:func:`sparsitytrap.metrics.shuffle_pairs`); the partner tiles
   are read by index, batch by batch;
 - ceiling: on simulated data the true expected count of every bin (the diffused rate times the
-  capture efficiency, :func:`sparsitytrap.simulate.truth_rate`) scored as a prediction; on real
+  capture efficiency, :func:`sparsitytrap.stores.truth.truth_rate`) scored as a prediction; on real
   data two binomial half-samples of the counts scored against each other, the correlations then
   Spearman-Brown corrected (:func:`sparsitytrap.metrics.correct_split_half`). The ceiling does
   not depend on the model: :func:`evaluate_ceiling` computes it once per test patient.
@@ -107,8 +107,8 @@ def tile_sums(pred, target, mask, k):
 # the evaluation
 
 
-def _metrics(n_genes, min_tissue, source):
-    return M.GeneMetrics(n_genes, scales=SCALES, bin_um=2.0, min_tissue=min_tissue, source=source)
+def _metrics(n_genes, ssim_min_tissue, source):
+    return M.GeneMetrics(n_genes, scales=SCALES, bin_um=2.0, ssim_min_tissue=ssim_min_tissue, source=source)
 
 
 def _batches(n_tiles, batch_tiles):

@@ -188,7 +188,7 @@ def ssim_images(a, b, win=SSIM_WIN, data_range=1.0):
     return s.mean(dim=(1, 2, 3))
 
 
-def ssim_per_tile(pred, target, mask, min_tissue=SSIM_MIN_TISSUE, chunk=256):
+def ssim_per_tile(pred, target, mask, ssim_min_tissue=SSIM_MIN_TISSUE, chunk=256):
     """SSIM at native resolution per (tile, gene), the seeds' definition (see module docstring).
 
     Parameters
@@ -197,7 +197,7 @@ def ssim_per_tile(pred, target, mask, min_tissue=SSIM_MIN_TISSUE, chunk=256):
         ``[T, G, H, W]``.
     mask
         ``[T, H, W]`` bool.
-    min_tissue
+    ssim_min_tissue
         Tiles need a tissue fraction above this.
     chunk
         Image pairs per filter call (bounds memory).
@@ -211,7 +211,7 @@ def ssim_per_tile(pred, target, mask, min_tissue=SSIM_MIN_TISSUE, chunk=256):
     x, y = pred.to(F64) * m, target.to(F64) * m
     lo = torch.minimum(x.amin(dim=(2, 3)), y.amin(dim=(2, 3)))
     span = torch.maximum(x.amax(dim=(2, 3)), y.amax(dim=(2, 3))) - lo
-    valid = (mask.to(F64).mean(dim=(1, 2)) > min_tissue)[:, None] & (span >= SSIM_MIN_RANGE)
+    valid = (mask.to(F64).mean(dim=(1, 2)) > ssim_min_tissue)[:, None] & (span >= SSIM_MIN_RANGE)
     scale = torch.where(valid, span, 1.0)[..., None, None]
     xs = ((x - lo[..., None, None]) / scale).reshape(t * g, h, w)
     ys = ((y - lo[..., None, None]) / scale).reshape(t * g, h, w)
@@ -444,7 +444,7 @@ class GeneMetrics:
         Size of the native bin in um (column names).
     spearman, ssim
         Compute SCC (pooled keeps the tissue values, see :class:`SpearmanAccumulator`) and SSIM.
-    min_tissue
+    ssim_min_tissue
         SSIM tiles need a tissue fraction above this.
     source
         Name used in error messages (e.g. the predictions' path).
@@ -457,7 +457,7 @@ class GeneMetrics:
     >>> table = gm.table(genes)  # doctest: +SKIP
     """
 
-    def __init__(self, n_genes, scales=(1, 2, 4), bin_um=2.0, spearman=True, ssim=True, min_tissue=SSIM_MIN_TISSUE, source="batch"):
+    def __init__(self, n_genes, scales=(1, 2, 4), bin_um=2.0, spearman=True, ssim=True, ssim_min_tissue=SSIM_MIN_TISSUE, source="batch"):
         self.n_genes = n_genes
         self.scales = tuple(int(k) for k in scales)
         self.source = source
@@ -471,7 +471,7 @@ class GeneMetrics:
             self._scc = (f"scc_{native}", SpearmanAccumulator(n_genes), TileMetricAccumulator(n_genes, spearman_per_tile))
         self._ssim = None
         if ssim:
-            fn = functools.partial(ssim_per_tile, min_tissue=min_tissue)
+            fn = functools.partial(ssim_per_tile, ssim_min_tissue=ssim_min_tissue)
             self._ssim = (f"ssim_{native}", TileMetricAccumulator(n_genes, fn))
         self._counts = CountAccumulator(n_genes)
 

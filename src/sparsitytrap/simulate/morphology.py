@@ -365,7 +365,7 @@ def generate_tissue(n_rows, n_cols, bin_um, seed, p):
     seed
         Seed of the geometry (numpy Generator stream [seed, 0]).
     p
-        The `morphology` parameters (see `sparsitytrap.simulate.DEFAULT_PARAMS`).
+        The `morphology` parameters (see `sparsitytrap.simulate.params.DEFAULT_PARAMS`).
 
     Returns
     -------
