@@ -45,6 +45,18 @@ def test_default_config_is_valid(cfg):
         (lambda c: c["comparisons"][0].update(b="missing_model"), "comparisons[0].b", "not declared"),
         (lambda c: c.update(folds=["P7"]), "folds", "not declared"),
         (lambda c: c["figures"].update(folds=["test-P9"]), "figures.folds", "not a fold"),
+        # settings are checked against the registries when the DAG is planned, not inside a job
+        (lambda c: c["models"]["V7_multiscale"]["loss"].update(scals=[1, 2]), "models.V7_multiscale.loss.scals", "unknown setting"),
+        (lambda c: c["models"]["D_hist2st_mse"].update(decoder_kwargs={"hiddn": 8}), "models.D_hist2st_mse.decoder_kwargs.hiddn", "unknown setting"),
+        (lambda c: c["models"]["D_hist2st_mse"].update(decoder="unet"), "models.D_hist2st_mse.decoder", "unknown decoder"),
+        (lambda c: c["decoders"]["img2st"].update(widht=8), "decoders.img2st.widht", "unknown setting"),
+        (lambda c: c["decoders"].update(vit={}), "decoders.vit", "unknown decoder"),
+        (lambda c: c["models"]["S_hist2st_liststrank"]["loss"].update(list_scope="patient"), "list_scope", "is not one of"),
+        (lambda c: c["stats"].update(metrics=["pcc_16um_pooled"]), "stats.metrics[0]", "unknown metric"),
+        (lambda c: c["factorial"]["cells"][0].update(loss="poisson"), "factorial.cells[0].loss", "has loss 'mse'"),
+        (lambda c: c["factorial"]["reference"].update(decoder="unet"), "factorial.reference.decoder", "two decoders"),
+        (lambda c: c["factorial"]["cells"][3].update(model="S_hist2st_liststrank"), "factorial.cells[3].decoder", "has decoder"),
+        (lambda c: c.update(resources={"mem_mb": {"train": "lots"}}), "resources.mem_mb.train", "not of type"),
     ],
 )
 def test_malformed_config_gets_one_readable_line(cfg, mutate, key, words):
@@ -54,6 +66,22 @@ def test_malformed_config_gets_one_readable_line(cfg, mutate, key, words):
     msg = str(err.value)
     assert "\n" not in msg
     assert key in msg and words in msg
+
+
+def test_registries_are_what_the_schema_defers_to(cfg):
+    """The schema names no loss, decoder or metric itself: the registries are the one list of each."""
+    from sparsitytrap.decoders import DECODERS
+    from sparsitytrap.losses import LOSSES
+    from sparsitytrap.metrics import METRICS
+
+    schema = (ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text()
+    for name in [*LOSSES, *DECODERS]:
+        assert f" {name}," not in schema and f"[{name}" not in schema
+    defaults = yaml.safe_load(schema)["properties"]["stats"]["properties"]["metrics"]["default"]
+    assert set(defaults) <= set(METRICS)
+    out = check(cfg)
+    for model in out["models"].values():  # every default model's loss and decoder is in the registry
+        assert model["loss"]["name"] in LOSSES and model["decoder"] in DECODERS
 
 
 def test_model_config_merges_training_defaults(cfg):

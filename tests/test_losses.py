@@ -315,14 +315,29 @@ def test_build_loss_outputs_and_errors():
     assert build_loss({"name": "multiscale", "base": "mse"}).output == "softplus"
     with pytest.raises(InputError, match="loss.name"):
         build_loss({"name": "huber"})
-    with pytest.raises(InputError, match="unknown key"):
+    with pytest.raises(InputError, match="loss.list_scope: unknown setting"):
         build_loss({"name": "poisson", "list_scope": "tile"})
+    with pytest.raises(InputError, match="loss.scals: unknown setting for loss 'multiscale'"):
+        build_loss({"name": "multiscale", "scals": [1, 2]})
     with pytest.raises(InputError, match="loss.list_scope"):
         build_loss({"name": "strank_list", "list_scope": "patient"})
     with pytest.raises(InputError, match="loss.weights"):
         build_loss({"name": "multiscale", "balance": "fixed", "weights": [1, 2]})
     with pytest.raises(InputError, match="number of genes"):
         build_loss({"name": "nb"})
+
+
+def test_registry_declares_each_loss_output_and_settings():
+    from sparsitytrap.losses import LOSSES, loss_output, loss_settings
+
+    assert sorted(LOSSES) == sorted(ALL)
+    for name, spec in LOSSES.items():
+        built = _loss(name)
+        assert loss_output({"name": name}) == built.output  # declared before building = built
+        assert loss_settings({"name": name}) == {"name": name, **spec.settings}
+    assert loss_output({"name": "multiscale", "base": "strank_list"}) == "score"
+    # a multiscale loss takes its base's settings, with their defaults
+    assert build_loss({"name": "multiscale", "base": "nb", "log_dispersion": -1.0}, n_genes=3).base.log_dispersion[0] == -1.0
 
 
 def test_floors_are_the_loss_of_a_perfect_prediction():

@@ -57,9 +57,9 @@ def _check_references(config, source):
         for side in ("a", "b"):
             if comp[side] not in models:
                 raise InputError(f"{source}: comparisons[{i}].{side}", f"model {comp[side]!r} is not declared under models")
-    for cell, name in config.get("factorial", {}).items():
-        if name not in models:
-            raise InputError(f"{source}: factorial.{cell}", f"model {name!r} is not declared under models")
+    _check_models(config, source)
+    _check_factorial(config, source)
+    _check_metrics(config, source)
     ms = config.get("figures", {}).get("multiscale_model")
     if ms and ms not in models:
         raise InputError(f"{source}: figures.multiscale_model", f"model {ms!r} is not declared under models")
@@ -86,6 +86,53 @@ def _check_references(config, source):
         p = config["genes"].get(key)
         if p and not Path(p).is_file():
             raise InputError(f"{source}: genes.{key}", f"file {p!r} does not exist")
+
+
+def _check_models(config, source):
+    """Build each model's loss and check its decoder settings: a typo fails the plan, not a job."""
+    from .decoders import DECODERS, check_decoder
+    from .losses import build_loss
+
+    for name in config.get("decoders", {}):
+        if name not in DECODERS:
+            raise InputError(f"{source}: decoders.{name}", f"unknown decoder; known: {sorted(DECODERS)}")
+        check_decoder(name, config["decoders"][name], f"{source}: decoders.{name}")
+    for name, model in config["models"].items():
+        where = f"{source}: models.{name}"
+        check_decoder(model["decoder"], {}, f"{where}.decoder")
+        check_decoder(model["decoder"], model.get("decoder_kwargs", {}), f"{where}.decoder_kwargs")
+        build_loss(model["loss"], n_genes=config["genes"]["n_genes"], where=f"{where}.loss")
+
+
+def _check_factorial(config, source):
+    """Four cells, each a declared model with the decoder and loss it names, spanning two x two levels."""
+    design = config.get("factorial")
+    if not design:
+        return
+    cells, ref = design["cells"], design["reference"]
+    for i, cell in enumerate(cells):
+        where = f"{source}: factorial.cells[{i}]"
+        model = config["models"].get(cell["model"])
+        if model is None:
+            raise InputError(f"{where}.model", f"model {cell['model']!r} is not declared under models")
+        for key, declared in (("decoder", model["decoder"]), ("loss", model["loss"]["name"])):
+            if cell[key] != declared:
+                raise InputError(f"{where}.{key}", f"{cell[key]!r}, but model {cell['model']!r} has {key} {declared!r}")
+    for key in ("decoder", "loss"):
+        levels = {c[key] for c in cells}
+        if len(levels) != 2 or ref[key] not in levels:
+            raise InputError(f"{source}: factorial.reference.{key}", f"{ref[key]!r}: the cells need two {key}s, "
+                             f"one of them the reference (cells have {sorted(levels)})")  # fmt: skip
+    if len({(c["decoder"], c["loss"]) for c in cells}) != 4:
+        raise InputError(f"{source}: factorial.cells", "the four cells must be the four (decoder, loss) pairs")
+
+
+def _check_metrics(config, source):
+    from .metrics import METRICS
+
+    for i, metric in enumerate(config.get("stats", {}).get("metrics", [])):
+        if metric not in METRICS:
+            raise InputError(f"{source}: stats.metrics[{i}]", f"unknown metric {metric!r}; known: {list(METRICS)}")
 
 
 def load(path):

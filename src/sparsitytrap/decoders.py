@@ -12,6 +12,7 @@ by ``output``:
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -270,7 +271,27 @@ class Img2STDecoder(nn.Module):
         return [self.head.conv.weight]
 
 
+#: Every decoder once: config name -> class. A decoder's settings are its constructor's keyword
+#: arguments (``decoders.<name>`` and a model's ``decoder_kwargs``), checked by `check_decoder`.
 DECODERS = {"hist2st": Hist2STDecoder, "img2st": Img2STDecoder}
+#: Constructor arguments the workflow sets itself (from the encoder, the genes and the loss).
+_SET_BY_WORKFLOW = ("in_dim", "n_genes", "output")
+
+
+def decoder_settings(name):
+    """The settings a decoder accepts, with their defaults: its constructor's keyword arguments."""
+    params = inspect.signature(DECODERS[name]).parameters
+    return {k: p.default for k, p in params.items() if k not in _SET_BY_WORKFLOW}
+
+
+def check_decoder(name, kwargs, where="decoder"):
+    """Refuse an unknown decoder or setting, naming the config key (no model is built)."""
+    if name not in DECODERS:
+        raise InputError(where, f"unknown decoder {name!r}; known: {sorted(DECODERS)}")
+    allowed = decoder_settings(name)
+    for key in kwargs:
+        if key not in allowed:
+            raise InputError(f"{where}.{key}", f"unknown setting for decoder {name!r}; allowed: {sorted(allowed)}")
 
 
 def build_decoder(name, in_dim, n_genes, output="log_rate", **widths):
@@ -279,7 +300,7 @@ def build_decoder(name, in_dim, n_genes, output="log_rate", **widths):
     Parameters
     ----------
     name
-        ``"hist2st"`` or ``"img2st"``.
+        A key of :data:`DECODERS`.
     in_dim
         Token width of the encoder.
     n_genes
@@ -287,18 +308,14 @@ def build_decoder(name, in_dim, n_genes, output="log_rate", **widths):
     output
         ``"log_rate"``, ``"softplus"`` or ``"score"`` (the loss's ``output``).
     **widths
-        Keyword arguments of the decoder class (``hidden``, ``width``, ``out_size``, ...).
+        Settings of the decoder (``hidden``, ``width``, ``out_size``, ...: :func:`decoder_settings`).
 
     Returns
     -------
     torch.nn.Module
     """
-    if name not in DECODERS:
-        raise InputError("decoder", f"unknown decoder {name!r}; known: {sorted(DECODERS)}")
-    try:
-        return DECODERS[name](int(in_dim), int(n_genes), output=output, **widths)
-    except TypeError as err:
-        raise InputError(f"decoders.{name}", str(err)) from None
+    check_decoder(name, widths, f"decoders.{name}")
+    return DECODERS[name](int(in_dim), int(n_genes), output=output, **widths)
 
 
 def count_parameters(module, trainable_only=False):

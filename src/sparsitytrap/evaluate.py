@@ -50,22 +50,10 @@ RENAME = {
     "mean_target": "mean_target_pooled",
     "n_bins": "n_tissue_bins",
 }
-#: Metrics scored for the model, the null and the ceiling (after renaming).
-SCORES = (
-    "pcc_2um_pooled",
-    "pcc_2um_pertile",
-    "pcc_4um_pooled",
-    "pcc_4um_pertile",
-    "pcc_8um_pooled",
-    "pcc_8um_pertile",
-    "scc_2um_pooled",
-    "scc_2um_pertile",
-    "ssim_2um_pertile",
-    "ratio_pooled",
-    "deviance_pooled",
-)
+#: Metrics scored for the model, the null and the ceiling (after renaming): the metric registry.
+SCORES = tuple(M.METRICS)
 #: Scores where higher is better and 0 is chance: these get a fraction of the ceiling.
-SIMILARITIES = tuple(s for s in SCORES if s.startswith(("pcc_", "scc_", "ssim_")))
+SIMILARITIES = tuple(name for name, spec in M.METRICS.items() if spec.similarity)
 
 
 def _truth_window(truth_zarr, genes, origin, tile_bins):

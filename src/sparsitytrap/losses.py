@@ -20,6 +20,9 @@ multiscale     (its base)   base loss minus its floor, on sum-pooled maps at 2-1
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -388,36 +391,103 @@ class MultiScaleLoss(nn.Module):
             self.gradnorm.load_state_dict(state)
 
 
-_BASE_KEYS = {"name"}
-_KEYS = {
-    "poisson": set(),
-    "mse": set(),
-    "mse_log1p": set(),
-    "nb": {"log_dispersion"},
-    "strank_pair": {"list_scope", "seed", "library_offset"},
-    "strank_list": {"list_scope", "seed", "library_offset"},
-    "multiscale": {"base", "scales", "balance", "weights", "alpha", "lr"},
+# ---------------------------------------------------------------------------------------------
+# the registry: every loss once, with its output space and its settings (key -> default)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss as the workflow knows it.
+
+    ``output`` is the decoder output space it scores (None: that of its ``base``, for multiscale);
+    ``settings`` its config keys with their defaults; ``build(settings, n_genes, where)`` makes it.
+    """
+
+    build: Callable
+    output: str | None
+    settings: dict = field(default_factory=dict)
+
+
+def _nb(s, n_genes, where):
+    if n_genes is None:
+        raise InputError(where, "the nb loss needs the number of genes")
+    return NegativeBinomialLoss(n_genes, float(s["log_dispersion"]))
+
+
+def _strank(mode):
+    def build(s, n_genes, where):
+        scope = _choice(s, "list_scope", ("tile", "slide"), where)
+        return STRankLoss(mode, scope, int(s["seed"]), bool(s["library_offset"]))
+
+    return build
+
+
+def _multiscale(s, n_genes, where):
+    base_name = s["base"]
+    base = build_loss({"name": base_name, **{k: s[k] for k in LOSSES[base_name].settings if k in s}}, n_genes, where)
+    scales = s["scales"]
+    if not scales or not all(isinstance(k, int) and k >= 1 for k in scales):
+        raise InputError(f"{where}.scales", f"{scales!r} must be a list of positive integers")
+    balance = _choice(s, "balance", ("gradnorm", "fixed"), where)
+    weights = s["weights"]
+    if weights is not None and len(weights) != len(scales):
+        raise InputError(f"{where}.weights", f"{len(weights)} weights for {len(scales)} scales")
+    return MultiScaleLoss(base, scales, balance, weights, float(s["alpha"]), float(s["lr"]))
+
+
+_STRANK_SETTINGS = {"list_scope": "tile", "seed": 0, "library_offset": True}
+LOSSES = {
+    "poisson": LossSpec(lambda s, g, w: PoissonLoss(), PoissonLoss.output),
+    "mse": LossSpec(lambda s, g, w: MSELoss(), MSELoss.output),
+    "mse_log1p": LossSpec(lambda s, g, w: MSELog1pLoss(), MSELog1pLoss.output),
+    "nb": LossSpec(_nb, NegativeBinomialLoss.output, {"log_dispersion": 0.0}),
+    "strank_pair": LossSpec(_strank("pair"), STRankLoss.output, _STRANK_SETTINGS),
+    "strank_list": LossSpec(_strank("list"), STRankLoss.output, _STRANK_SETTINGS),
+    "multiscale": LossSpec(
+        _multiscale,
+        None,
+        {"base": "poisson", "scales": [1, 2, 4, 8], "balance": "gradnorm", "weights": None, "alpha": 1.5, "lr": 0.025},
+    ),
 }
 
 
-def _choice(cfg, key, options, where, default):
-    value = cfg.get(key, default)
-    if value not in options:
-        raise InputError(f"{where}.{key}", f"{value!r} is not one of {list(options)}")
-    return value
+def _choice(cfg, key, options, where):
+    if cfg.get(key) not in options:
+        raise InputError(f"{where}.{key}", f"{cfg.get(key)!r} is not one of {list(options)}")
+    return cfg[key]
+
+
+def loss_settings(cfg, where="loss"):
+    """A loss config with every setting filled from the registry's defaults; unknown keys refused.
+
+    A multiscale loss also takes its base loss's settings.
+    """
+    cfg = dict(cfg or {})
+    name = _choice(cfg, "name", LOSSES, where)
+    allowed = dict(LOSSES[name].settings)
+    if name == "multiscale":
+        base = _choice({"base": cfg.get("base", "poisson")}, "base", [n for n in LOSSES if n != "multiscale"], where)
+        allowed.update(LOSSES[base].settings)
+    unknown = sorted(set(cfg) - set(allowed) - {"name"})
+    if unknown:
+        raise InputError(f"{where}.{unknown[0]}", f"unknown setting for loss {name!r}; allowed: {sorted(allowed)}")
+    return {**LOSSES[name].settings, **cfg}
+
+
+def loss_output(cfg, where="loss"):
+    """The decoder output space a loss config needs (``log_rate``, ``softplus`` or ``score``)."""
+    s = loss_settings(cfg, where)
+    spec = LOSSES[s["name"]]
+    return spec.output if spec.output is not None else loss_output({"name": s["base"]}, where)
 
 
 def build_loss(cfg, n_genes=None, where="loss"):
-    """Build a loss from its config.
+    """Build a loss from its config ``{"name": <a key of LOSSES>, <its settings>...}``.
 
     Parameters
     ----------
     cfg
-        ``{"name": poisson | mse | mse_log1p | nb | strank_pair | strank_list | multiscale, ...}``;
-        nb: ``log_dispersion``; strank_*: ``list_scope`` (tile | slide), ``seed``,
-        ``library_offset``; multiscale: ``base`` (default poisson, with the base's own keys),
-        ``scales`` ([1, 2, 4, 8]), ``balance`` (gradnorm | fixed), ``weights``, ``alpha`` (1.5),
-        ``lr`` (0.025).
+        The loss config; see :data:`LOSSES` for each loss's settings and defaults.
     n_genes
         Number of genes (needed by nb, for its per-gene dispersions).
     where
@@ -429,40 +499,5 @@ def build_loss(cfg, n_genes=None, where="loss"):
         Called as ``loss(out, target, mask, slide=None) -> scalar``; ``loss.output`` names the
         decoder output it expects. Put ``loss.parameters()`` in the optimizer (nb has some).
     """
-    cfg = dict(cfg or {})
-    name = _choice(cfg, "name", _KEYS, where, None)
-    allowed = _BASE_KEYS | _KEYS[name]
-    if name == "multiscale":
-        base_name = _choice(cfg, "base", [n for n in _KEYS if n != "multiscale"], where, "poisson")
-        allowed |= _KEYS[base_name]
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise InputError(where, f"unknown key(s) {unknown} for loss {name!r}; allowed: {sorted(allowed)}")
-    if name == "multiscale":
-        return _build_multiscale(cfg, base_name, n_genes, where)
-    if name == "poisson":
-        return PoissonLoss()
-    if name == "mse":
-        return MSELoss()
-    if name == "mse_log1p":
-        return MSELog1pLoss()
-    if name == "nb":
-        if n_genes is None:
-            raise InputError(where, "the nb loss needs the number of genes")
-        return NegativeBinomialLoss(n_genes, float(cfg.get("log_dispersion", 0.0)))
-    scope = _choice(cfg, "list_scope", ("tile", "slide"), where, "tile")
-    mode = "pair" if name == "strank_pair" else "list"
-    return STRankLoss(mode, scope, int(cfg.get("seed", 0)), bool(cfg.get("library_offset", True)))
-
-
-def _build_multiscale(cfg, base_name, n_genes, where):
-    base_cfg = {k: v for k, v in cfg.items() if k in _KEYS[base_name]}
-    base = build_loss({"name": base_name, **base_cfg}, n_genes, where)
-    scales = cfg.get("scales", [1, 2, 4, 8])
-    if not scales or not all(isinstance(k, int) and k >= 1 for k in scales):
-        raise InputError(f"{where}.scales", f"{scales!r} must be a list of positive integers")
-    balance = _choice(cfg, "balance", ("gradnorm", "fixed"), where, "gradnorm")
-    weights = cfg.get("weights")
-    if weights is not None and len(weights) != len(scales):
-        raise InputError(f"{where}.weights", f"{len(weights)} weights for {len(scales)} scales")
-    return MultiScaleLoss(base, scales, balance, weights, float(cfg.get("alpha", 1.5)), float(cfg.get("lr", 0.025)))
+    s = loss_settings(cfg, where)
+    return LOSSES[s["name"]].build(s, n_genes, where)

@@ -5,7 +5,7 @@ Evaluation never holds all predictions of a patient: it feeds batches
 ``mask [T, H, W]`` (bool, tissue bins) to accumulators, which keep per-gene sums (float64)
 or, for the exact pooled Spearman, the tissue values of each gene (float32).
 
-Definitions (SEED_FACTS.md section 5):
+Definitions (those of the seed benchmark, with the faults of its code fixed):
 
 - PCC "pooled": per gene, Pearson over all tissue bins of all tiles pooled.
   PCC "pertile": per (tile, gene) Pearson over the tile's tissue bins (NaN when either side is
@@ -29,6 +29,7 @@ Controls: :func:`shuffle_pairs` (label-shuffle null) and :func:`split_half_thinn
 """
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,30 @@ F64 = torch.float64
 
 # ---------------------------------------------------------------------------------------------
 # pooling and small helpers
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What the workflow needs to know of a per-gene score.
+
+    ``relative_ok``: defined for a ranking model's relative scores (correlations are; SSIM on
+    min-max scaled maps, the rate ratio and the deviance need rates on the count scale).
+    ``similarity``: higher is better and 0 is chance, so a fraction of the ceiling means something.
+    """
+
+    relative_ok: bool
+    similarity: bool
+
+
+_CORRELATION = MetricSpec(relative_ok=True, similarity=True)
+#: Every score of an evaluation (columns of ``per_gene.csv``, each with its null and ceiling).
+METRICS = {
+    **{f"{m}_{um}_{p}": _CORRELATION for m, um in [("pcc", "2um"), ("pcc", "4um"), ("pcc", "8um"), ("scc", "2um")]
+       for p in ("pooled", "pertile")},  # fmt: skip
+    "ssim_2um_pertile": MetricSpec(relative_ok=False, similarity=True),
+    "ratio_pooled": MetricSpec(relative_ok=False, similarity=False),
+    "deviance_pooled": MetricSpec(relative_ok=False, similarity=False),
+}
 
 
 def _tissue_values(x, mask):

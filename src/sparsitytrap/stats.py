@@ -439,24 +439,30 @@ def run_comparison(eval_dirs_a, eval_dirs_b, out_dir, metrics=STATS_METRICS, nam
     return result
 
 
-def run_factorial(cells, out_csv, metrics=STATS_METRICS):
+def run_factorial(cells, out_csv, metrics=STATS_METRICS, reference=("img2st", "mse")):
     """The 2 x 2 decomposition (loss effect, decoder effect, interaction) per fold and pooled.
 
     Parameters
     ----------
     cells
-        ``{(decoder, loss): [evaluation folders, one per fold]}`` for the four cells
-        (decoders img2st/hist2st, losses mse/poisson).
+        The four cells, each ``{"decoder", "loss", "dirs": [evaluation folders, one per fold]}``
+        (config ``factorial.cells``; the decoder and loss are given, never parsed from names).
     out_csv
         Output table: :func:`decompose_2x2` per metric, with a ``metric`` column.
+    reference
+        (decoder, loss) reference levels: effects are the other level minus these.
     """
     rows = []
-    for (decoder, loss), dirs in cells.items():
-        for d in dirs:
+    for cell in cells:
+        for d in cell["dirs"]:
             _, per_gene, _ = _read_eval(d)
-            rows.append(per_gene.assign(decoder=decoder, loss=loss))
+            rows.append(per_gene.assign(decoder=cell["decoder"], loss=cell["loss"]))
     table = pd.concat(rows, ignore_index=True)
-    out = pd.concat([decompose_2x2(table, m).assign(metric=m) for m in metrics], ignore_index=True)
+    levels = {key: [r] + sorted({c[key] for c in cells} - {r}) for key, r in zip(("decoder", "loss"), reference)}
+    out = pd.concat(
+        [decompose_2x2(table, m, levels["decoder"], levels["loss"]).assign(metric=m) for m in metrics],
+        ignore_index=True,
+    )
     out = out[["metric", *[c for c in out.columns if c != "metric"]]]
     write_csv(out, out_csv)
     return out

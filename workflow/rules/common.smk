@@ -59,6 +59,12 @@ def gpu_resources():
     return res
 
 
+def scaled(resource, rule, default):
+    """A rule's mem_mb or runtime (config `resources.<resource>.<rule>`, else the default), doubled per retry."""
+    base = RES.get(resource, {}).get(rule, default)
+    return lambda wc, attempt: base * attempt
+
+
 def model_params(wc):
     """One model's resolved settings: only its own keys trigger a rerun of its jobs."""
     return stconfig.model_config(config, wc.model)
@@ -122,6 +128,18 @@ def figure(name, caption, category="Figures", subcategory=None, labels=None):
                           subcategory=subcategory, labels=labels)  # fmt: skip
         out.append(path)
     return out
+
+
+FACTORIAL = config.get("factorial") or {}
+FACTORIAL_MODELS = [c["model"] for c in FACTORIAL.get("cells", [])]
+
+
+def factorial_cells():
+    """The 2x2 cells as given in config, each with its evaluation folders (one per fold)."""
+    return [
+        {**c, "dirs": [eval_dir(c["model"], f) for f in FOLDS]}
+        for c in FACTORIAL.get("cells", [])
+    ]
 
 
 def stats_targets():

@@ -15,8 +15,8 @@ rule simulate:
     conda:
         "../../envs/sparsitytrap.yaml"
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        mem_mb=scaled("mem_mb", "simulate", 4000),
+        runtime=scaled("runtime", "simulate", 30),
     params:
         sim=simulation_params,
     script:
@@ -37,8 +37,8 @@ rule ingest:
     conda:
         "../../envs/sparsitytrap.yaml"
     resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        mem_mb=scaled("mem_mb", "ingest", 8000),
+        runtime=scaled("runtime", "ingest", 60),
     params:
         dataset_id=lambda wc: config["samples"][wc.sample].get("dataset_id", wc.sample),
         fullres_image=lambda wc: config["samples"][wc.sample].get("fullres_image"),
@@ -62,8 +62,8 @@ rule select_genes:
     conda:
         "../../envs/sparsitytrap.yaml"
     resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        mem_mb=scaled("mem_mb", "select_genes", 8000),
+        runtime=scaled("runtime", "select_genes", 30),
     params:
         method=config["genes"]["method"],
         n_genes=config["genes"]["n_genes"],
@@ -86,8 +86,8 @@ rule tile:
     conda:
         "../../envs/sparsitytrap.yaml"
     resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        mem_mb=scaled("mem_mb", "tile", 8000),
+        runtime=scaled("runtime", "tile", 60),
     params:
         **config["tiles"],
         dataset_id=lambda wc: config["samples"][wc.sample].get("dataset_id", wc.sample),

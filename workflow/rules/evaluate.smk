@@ -19,12 +19,12 @@ rule ceiling:
         "../../envs/sparsitytrap.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        mem_mb=scaled("mem_mb", "ceiling", 4000),
+        runtime=scaled("runtime", "ceiling", 30),
     params:
         batch_tiles=config["evaluation"]["batch_tiles"],
         shuffle_seed=config["evaluation"]["shuffle_seed"],
-        ssim_min_tissue=config["evaluation"]["min_tissue_fraction_ssim"],
+        ssim_min_tissue=config["evaluation"]["ssim_min_tissue"],
     script:
         "../scripts/ceiling.py"
 
@@ -53,8 +53,8 @@ rule evaluate:
         "../../envs/sparsitytrap.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        mem_mb=scaled("mem_mb", "evaluate", 4000),
+        runtime=scaled("runtime", "evaluate", 30),
     params:
         **config["evaluation"],
     script:
@@ -100,17 +100,18 @@ rule stats:
     params:
         a=lambda wc: COMPARISONS[wc.comparison]["a"],
         b=lambda wc: COMPARISONS[wc.comparison]["b"],
-        folds=FOLDS,
+        dirs_a=lambda wc: [eval_dir(COMPARISONS[wc.comparison]["a"], f) for f in FOLDS],
+        dirs_b=lambda wc: [eval_dir(COMPARISONS[wc.comparison]["b"], f) for f in FOLDS],
         metrics=config["stats"]["metrics"],
         bootstrap=config["evaluation"]["bootstrap"],
-        seed=config["evaluation"]["shuffle_seed"],
+        seed=config["evaluation"]["bootstrap_seed"],
     script:
         "../scripts/stats.py"
 
 
 rule factorial:
     input:
-        eval_files(list(config.get("factorial", {}).values())),
+        eval_files(FACTORIAL_MODELS),
     output:
         report(
             f"{R}/stats/factorial_2x2.csv",
@@ -124,8 +125,8 @@ rule factorial:
     conda:
         "../../envs/sparsitytrap.yaml"
     params:
-        cells=config.get("factorial", {}),
-        folds=FOLDS,
+        cells=factorial_cells(),
+        reference=[FACTORIAL.get("reference", {}).get(k) for k in ("decoder", "loss")],
         metrics=config["stats"]["metrics"],
     script:
         "../scripts/factorial.py"

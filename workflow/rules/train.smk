@@ -16,8 +16,8 @@ rule features:
     threads: 2
     resources:
         **gpu_resources(),
-        mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        mem_mb=scaled("mem_mb", "features", 16000),
+        runtime=scaled("runtime", "features", 60),
     params:
         encoder=stconfig.encoder_config(config),
         device=config["training"].get("device", "auto"),
@@ -41,8 +41,8 @@ rule train:
     threads: 1
     resources:
         **gpu_resources(),
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 240 * attempt,
+        mem_mb=scaled("mem_mb", "train", 8000),
+        runtime=scaled("runtime", "train", 240),
     params:
         model=model_params,
         encoder=stconfig.encoder_config(config),
@@ -65,8 +65,8 @@ rule predict:
         "../../envs/sparsitytrap.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        mem_mb=scaled("mem_mb", "predict", 8000),
+        runtime=scaled("runtime", "predict", 60),
     params:
         model=model_params,
         encoder=stconfig.encoder_config(config),
@@ -87,8 +87,8 @@ rule overlay:
     conda:
         "../../envs/sparsitytrap.yaml"
     resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        mem_mb=scaled("mem_mb", "overlay", 8000),
+        runtime=scaled("runtime", "overlay", 60),
     params:
         models=MODELS,
     script:

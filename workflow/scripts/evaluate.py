@@ -19,5 +19,6 @@ with job(snakemake):
         batch_tiles=p.batch_tiles,
         shuffle_seed=p.shuffle_seed,
         bootstrap=p.bootstrap,
-        ssim_min_tissue=p.min_tissue_fraction_ssim,
+        ssim_min_tissue=p.ssim_min_tissue,
+        bootstrap_seed=p.bootstrap_seed,
     )

@@ -5,10 +5,9 @@ from sparsitytrap.stats import run_comparison
 
 with job(snakemake):
     p = snakemake.params
-    results = Path(snakemake.output.summary).parents[2]
     run_comparison(
-        [results / "eval" / p.a / f for f in p.folds],
-        [results / "eval" / p.b / f for f in p.folds],
+        p.dirs_a,
+        p.dirs_b,
         Path(snakemake.output.summary).parent,
         metrics=p.metrics,
         names=(p.a, p.b),

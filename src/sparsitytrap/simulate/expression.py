@@ -21,7 +21,7 @@ from .params import DEFAULT_PARAMS
 PROGRAMMES = ("epithelial", "secretory", "stromal", "plasma", "lymphoid", "muscle", "housekeeping", "mitochondrial")
 GENE_TABLE = Path(__file__).resolve().parents[3] / "resources" / "gene_categories.tsv"
 
-# The seeds' 50 genes (SEED_FACTS section 1): the most expressed, hence the least sparse.
+# The seeds' 50 genes (top 50 by raw-count variance on GSE280318): the most expressed, hence the least sparse.
 SEED_GENES = (
     "ACTB B2M CD24 CD74 CEACAM5 CEACAM6 CFL1 COL1A1 COL1A2 COL3A1 CST3 DES EEF1G EPCAM FCGBP FTH1 FTL HSPA8 IGHA1 "
     "IGHG1 IGHM IGKC JCHAIN KRT8 LCN2 LGALS3 MT-ATP6 MT-CO2 MT-CO3 MT-CYB MT-ND1 MT-ND2 MT-ND3 MT-ND4 MT-ND4L "
