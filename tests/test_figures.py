@@ -89,7 +89,7 @@ def assert_written(prefix):
 
 FIGURES = {
     "table": lambda r, o: figures.results_table(r["eval"]["A"] + r["eval"]["B"], o, formats=("png", "pdf", "csv")),
-    "bars": lambda r, o: figures.bar_chart(r["eval"]["A"] + r["eval"]["B"], o, n_boot=30),
+    "bars": lambda r, o: figures.bar_chart(r["eval"]["A"] + r["eval"]["B"], o, bootstrap=30),
     "scatter": lambda r, o: figures.sparsity_scatter(r["eval"]["A"], r["eval"]["B"], o),
     "heatmap": lambda r, o: figures.heatmap(r["eval"]["A"], r["eval"]["B"], o),
     "mosaic": lambda r, o: figures.mosaic(r["tiles"]["P1"], r["preds"]["P1"], "PIGR", o, shared_scale=False),
@@ -135,7 +135,7 @@ def test_heatmap_rows_are_genes_sorted_by_computed_delta(run, tmp_path):
 
 def test_collapse_annotation_uses_the_computed_ratio(run, tmp_path):
     fig = figures.bar_chart(
-        run["eval"]["A"] + run["eval"]["B"], tmp_path / "bars", metrics=("pcc_8um_pooled",), n_boot=30, formats=()
+        run["eval"]["A"] + run["eval"]["B"], tmp_path / "bars", metrics=("pcc_8um_pooled",), bootstrap=30, formats=()
     )
     ratio = {
         m: pd.concat([pd.read_csv(d / "per_gene.csv") for d in run["eval"][m]])

@@ -1,32 +1,53 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
+from sparsitytrap.config import fold_names, fold_samples, validate
 from sparsitytrap.errors import InputError
-from sparsitytrap.folds import fold_split, make_folds, validation_split
+from sparsitytrap.folds import validation_split
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _grid(n_rows, n_cols):
     return np.array([(r, c) for r in range(n_rows) for c in range(n_cols)], dtype=np.int32)
 
 
+def _config(folds="loo", samples=("P1", "P2", "P5")):
+    return {"samples": {sid: {} for sid in samples}, "folds": folds}
+
+
 def test_loo_folds_train_on_the_others():
-    folds = make_folds(["P1", "P2", "P5"], "loo")
-    assert list(folds) == ["test-P1", "test-P2", "test-P5"]
-    assert folds["test-P2"] == {"test": "P2", "train": ["P1", "P5"]}
-    for f in folds.values():
-        assert f["test"] not in f["train"]
+    config = _config()
+    assert fold_names(config) == ["test-P1", "test-P2", "test-P5"]
+    assert fold_samples(config, "test-P2") == (["P1", "P5"], "P2")
+    for fold in fold_names(config):
+        train, test = fold_samples(config, fold)
+        assert test not in train and fold == f"test-{test}"
 
 
 def test_explicit_folds_and_bad_input():
-    folds = make_folds(["P1", "P2", "P5"], ["P5"])
-    assert folds == {"test-P5": {"test": "P5", "train": ["P1", "P2"]}}
-    assert fold_split(["P1", "P2", "P5"], ["P5"], "test-P5") == (["P1", "P2"], "P5")
-    with pytest.raises(InputError, match="folds: test sample 'P9'"):
-        make_folds(["P1", "P2"], ["P9"])
-    with pytest.raises(InputError, match="folds"):
-        make_folds(["P1"], "loo")
+    config = _config(["P5"])
+    assert fold_names(config) == ["test-P5"]
+    assert fold_samples(config, "test-P5") == (["P1", "P2"], "P5")
     with pytest.raises(InputError, match="fold: 'test-P3'"):
-        fold_split(["P1", "P2"], "loo", "test-P3")
+        fold_samples(_config(samples=("P1", "P2")), "test-P3")
+
+
+@pytest.mark.parametrize(
+    "folds, keep, words",
+    [(["P9"], None, "folds: test sample 'P9'"), ("loo", 1, "folds: leave-one-patient-out needs at least two")],
+)
+def test_bad_folds_are_refused_when_the_config_is_checked(monkeypatch, folds, keep, words):
+    # the workflow checks folds once, when the DAG is planned, not in each job
+    monkeypatch.chdir(ROOT)
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["samples"] = dict(list(config["samples"].items())[:keep])
+    config["folds"] = folds
+    with pytest.raises(InputError, match=words):
+        validate(config, source="config.yaml")
 
 
 def test_validation_blocks_are_contiguous_and_near_the_fraction():

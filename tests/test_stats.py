@@ -172,7 +172,7 @@ def two_models(tmp_path):
 
 def test_run_comparison_writes_consistent_tables(two_models, tmp_path):
     out = S.run_comparison(two_models["poor"], two_models["good"], tmp_path / "cmp",
-                               metrics=("pcc_2um_pooled", "ssim_2um_pertile"), names=("poor", "good"), n_boot=200)  # fmt: skip
+                               metrics=("pcc_2um_pooled", "ssim_2um_pertile"), names=("poor", "good"), bootstrap=200)  # fmt: skip
     for name in S.STATS_TABLES.values():
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     s1, summary = out["s1"], out["summary"].set_index("metric")

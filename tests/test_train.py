@@ -1,7 +1,12 @@
-"""Training on tiny real data (tile stores + a tiny real timm encoder's feature cache), on the CPU."""
+"""Training on tiny real data (tile stores + a tiny real timm encoder's feature cache), on the CPU.
 
-import copy
+The tests call what the workflow's rules call, with the same arguments: ``train`` ->
+:func:`sparsitytrap.training.fit`, ``predict`` -> :func:`sparsitytrap.predict.predict`,
+``overlay`` -> :func:`sparsitytrap.predict.write_predictions_sdata` (see workflow/rules/train.smk).
+"""
+
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,10 +16,11 @@ import zarr
 from safetensors.torch import load_file
 from test_features import TINY_ENCODER, write_tile_store
 
+from sparsitytrap import config as stconfig
 from sparsitytrap.errors import InputError
 from sparsitytrap.features import cache_features
-from sparsitytrap.predict import load_model
-from sparsitytrap.train import LOG_COLUMNS, lr_factor, split_samples, train
+from sparsitytrap.predict import load_model, predict, write_predictions_sdata
+from sparsitytrap.training import LOG_COLUMNS, fit, lr_factor, split_samples
 
 TILES = {"P1": 4, "P2": 4, "P3": 3}
 BINS = 32  # tiles of 32 x 32 bins keep the CPU tests fast; one test runs the real 128
@@ -59,18 +65,81 @@ def make_config(results, **training):
         "encoders": {"tiny": {k: v for k, v in TINY_ENCODER.items() if k != "name"}},
         "training": t,
         "decoders": {
-            "hist2st": {"hidden": 16, "n_transformer_layers": 1, "n_heads": 2, "ff_dim": 32, "n_graph_layers": 1, "k": 4, "dropout": 0.1},
+            "hist2st": {
+                "hidden": 16,
+                "n_transformer_layers": 1,
+                "n_heads": 2,
+                "ff_dim": 32,
+                "n_graph_layers": 1,
+                "k": 4,
+                "dropout": 0.1,
+            },
             "img2st": {"width": 16},
         },
         "models": {
             "E": {"decoder": "hist2st", "loss": {"name": "poisson"}},
             "D": {"decoder": "hist2st", "loss": {"name": "mse"}},
             "G": {"decoder": "img2st", "loss": {"name": "mse"}},
-            "V7": {"decoder": "hist2st", "loss": {"name": "multiscale", "base": "poisson", "scales": [1, 2, 4, 8], "balance": "gradnorm", "alpha": 1.5}},
+            "V7": {
+                "decoder": "hist2st",
+                "loss": {
+                    "name": "multiscale",
+                    "base": "poisson",
+                    "scales": [1, 2, 4, 8],
+                    "balance": "gradnorm",
+                    "alpha": 1.5,
+                },
+            },
             "S": {"decoder": "hist2st", "loss": {"name": "strank_list", "list_scope": "tile"}},
         },
         "folds": "loo",
     }
+
+
+def sample_paths(config, tiles=None, features=None):
+    """``{sample: path}`` of tile stores and feature caches: the workflow's layout, then overrides."""
+    results = Path(config["results"])
+    layout_tiles = {s: results / "tiles" / f"{s}.zarr" for s in config["samples"]}
+    layout_features = {s: results / "features" / config["encoder"] / f"{s}.zarr" for s in config["samples"]}
+    return {**layout_tiles, **(tiles or {})}, {**layout_features, **(features or {})}
+
+
+def run_train(config, model, fold, out, tiles=None, features=None, **kwargs):
+    """The `train` rule: its inputs are the fold's training samples only (`train_inputs`)."""
+    train_ids, _ = stconfig.fold_samples(config, fold)
+    tiles, features = sample_paths(config, tiles, features)
+    return fit(
+        stconfig.model_config(config, model),
+        [tiles[s] for s in train_ids],
+        [features[s] for s in train_ids],
+        out,
+        encoder_cfg=stconfig.encoder_config(config),
+        fold=fold,
+        **kwargs,
+    )
+
+
+def run_predict(config, model, fold, out, tiles=None, features=None):
+    """The `predict` rule: the test sample's tile store and feature cache -> predictions.zarr."""
+    _, test = stconfig.fold_samples(config, fold)
+    tiles, features = sample_paths(config, tiles, features)
+    predict(
+        stconfig.model_config(config, model),
+        weights=out / "best.safetensors",
+        tiles=tiles[test],
+        features=features[test],
+        out_pred=out / "predictions.zarr",
+        encoder_cfg=stconfig.encoder_config(config),
+    )
+    return out / "predictions.zarr"
+
+
+def run_overlay(config, fold, preds, out_zarr):
+    """The `overlay` rule: every model's predictions of one fold in one SpatialData store."""
+    _, test = stconfig.fold_samples(config, fold)
+    tiles, _ = sample_paths(config)
+    write_predictions_sdata(preds, tiles[test], out_zarr)
+    return out_zarr
 
 
 def read_log(out):
@@ -86,17 +155,25 @@ def assert_same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def straight_run(cohort, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight") / "E" / "test-P3"
-    result = train(make_config(cohort), "E", "test-P3", out)
-    return out, result
+    """Model E on fold test-P3 as the workflow runs it: train, then predict, then the overlay."""
+    results = tmp_path_factory.mktemp("straight")
+    out = results / "models" / "E" / "test-P3"
+    config = make_config(cohort)
+    result = run_train(config, "E", "test-P3", out)
+    written = sorted(p.name for p in out.iterdir())
+    pred = run_predict(config, "E", "test-P3", out)
+    overlay = run_overlay(config, "test-P3", {"E": pred}, results / "predictions" / "test-P3.zarr")
+    return out, {**result, "written": written}, overlay
 
 
 def test_outputs_and_first_epoch_lr(straight_run):
-    out, result = straight_run
+    out, result, overlay = straight_run
     assert result["finished"] and result["epochs_run"] == 3
-    for name in ("checkpoint.pt", "log.csv", "best.safetensors", "metrics_val.json", "predictions.zarr", "predictions_sdata.zarr"):
+    for name in ("checkpoint.pt", "log.csv", "best.safetensors", "metrics_val.json", "predictions.zarr"):
         assert (out / name).exists(), name
-    assert sorted(result["files"]) == sorted(p.name for p in out.iterdir())  # nothing else, no temporaries
+    assert overlay.is_dir()
+    assert sorted(result["files"]) == result["written"]  # nothing else, no temporaries
+    assert sorted(p.name for p in out.iterdir()) == sorted([*result["files"], "predictions.zarr"])
     log = read_log(out)
     assert list(log.columns) == LOG_COLUMNS and list(log.epoch) == [1, 2, 3]
     assert np.isfinite(log[["train_loss", "val_loss", "val_pcc_2um", "val_pcc_8um"]].to_numpy()).all()
@@ -122,9 +199,10 @@ def test_lr_schedule():
 
 
 def test_same_seed_same_run(cohort, straight_run, tmp_path):
-    out, _ = straight_run
+    out, _, _ = straight_run
     again = tmp_path / "E" / "test-P3"
-    train(make_config(cohort), "E", "test-P3", again)
+    run_train(make_config(cohort), "E", "test-P3", again)
+    run_predict(make_config(cohort), "E", "test-P3", again)
     pd.testing.assert_frame_equal(read_log(out)[STABLE], read_log(again)[STABLE])
     assert_same_weights(out, again)
     a = zarr.open_group(str(out / "predictions.zarr"), mode="r")["rates"][:]
@@ -132,7 +210,7 @@ def test_same_seed_same_run(cohort, straight_run, tmp_path):
     assert np.array_equal(a, b)
     # another seed gives another run (the test can fail)
     other = tmp_path / "seed1"
-    train(make_config(cohort, seed=1, epochs=1), "E", "test-P3", other)
+    run_train(make_config(cohort, seed=1, epochs=1), "E", "test-P3", other)
     assert read_log(out).train_loss[0] != read_log(other).train_loss[0]
 
 
@@ -141,7 +219,7 @@ class Killed(Exception):
 
 
 def test_resume_after_a_kill_gives_identical_results(cohort, straight_run, tmp_path):
-    out, _ = straight_run
+    out, _, _ = straight_run
     resumed = tmp_path / "E" / "test-P3"
 
     def kill_after_epoch_1(epoch, row):
@@ -149,12 +227,12 @@ def test_resume_after_a_kill_gives_identical_results(cohort, straight_run, tmp_p
             raise Killed
 
     with pytest.raises(Killed):
-        train(make_config(cohort), "E", "test-P3", resumed, on_epoch_end=kill_after_epoch_1)
+        run_train(make_config(cohort), "E", "test-P3", resumed, on_epoch_end=kill_after_epoch_1)
     assert len(read_log(resumed)) == 1 and not (resumed / "best.safetensors").exists()
     # a second interruption, by the run limit, then the end
-    partial = train(make_config(cohort), "E", "test-P3", resumed, max_epochs_this_run=1)
+    partial = run_train(make_config(cohort), "E", "test-P3", resumed, max_epochs_this_run=1)
     assert not partial["finished"] and len(read_log(resumed)) == 2
-    train(make_config(cohort), "E", "test-P3", resumed)
+    run_train(make_config(cohort), "E", "test-P3", resumed)
     pd.testing.assert_frame_equal(read_log(out)[STABLE], read_log(resumed)[STABLE])
     assert_same_weights(out, resumed)
     ck = torch.load(resumed / "checkpoint.pt", weights_only=True)
@@ -166,9 +244,9 @@ def test_resume_restores_gradnorm_and_loss_generators(cohort, tmp_path, model):
     # V7: GradNorm weights, initial losses and their Adam state; P: STRank pair partners' generator
     config = make_config(cohort, epochs=2)
     config["models"]["P"] = {"decoder": "hist2st", "loss": {"name": "strank_pair"}}
-    train(config, model, "test-P3", tmp_path / "straight")
-    train(config, model, "test-P3", tmp_path / "resumed", max_epochs_this_run=1)
-    train(config, model, "test-P3", tmp_path / "resumed")
+    run_train(config, model, "test-P3", tmp_path / "straight")
+    run_train(config, model, "test-P3", tmp_path / "resumed", max_epochs_this_run=1)
+    run_train(config, model, "test-P3", tmp_path / "resumed")
     pd.testing.assert_frame_equal(read_log(tmp_path / "straight")[STABLE], read_log(tmp_path / "resumed")[STABLE])
     assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
     if model == "V7":
@@ -179,41 +257,43 @@ def test_resume_restores_gradnorm_and_loss_generators(cohort, tmp_path, model):
 
 def test_checkpoint_of_another_config_is_not_resumed(cohort, tmp_path):
     out = tmp_path / "run"
-    train(make_config(cohort, epochs=1), "E", "test-P3", out, max_epochs_this_run=1)
-    result = train(make_config(cohort, epochs=2, lr=5e-4), "E", "test-P3", out)
+    run_train(make_config(cohort, epochs=1), "E", "test-P3", out, max_epochs_this_run=1)
+    result = run_train(make_config(cohort, epochs=2, lr=5e-4), "E", "test-P3", out)
     assert result["epochs_run"] == 2 and read_log(out).lr_first[0] == pytest.approx(5e-4 / 2)
 
 
 def test_test_sample_is_never_read(cohort, tmp_path):
     missing = {"P3": tmp_path / "nowhere" / "P3.zarr"}
     out = tmp_path / "run"
+    config = make_config(cohort, epochs=1)
     # training finishes without the test sample; only the prediction step asks for it
-    with pytest.raises(InputError, match="nowhere"):
-        train(make_config(cohort, epochs=1), "E", "test-P3", out, tiles={**_tiles(cohort), **missing}, features=missing)
+    run_train(config, "E", "test-P3", out, tiles=missing, features=missing)
     assert (out / "best.safetensors").exists() and (out / "metrics_val.json").exists()
-    train_set, val_set, _ = split_samples([cohort / "tiles" / "P1.zarr"], [cohort / "features" / "tiny" / "P1.zarr"], 0.25, 2, 0)
+    with pytest.raises(InputError, match="nowhere"):
+        run_predict(config, "E", "test-P3", out, tiles=missing, features=missing)
+    train_set, val_set, _ = split_samples(
+        [cohort / "tiles" / "P1.zarr"], [cohort / "features" / "tiny" / "P1.zarr"], 0.25, 2, 0
+    )
     assert all("P3" not in p for p in train_set.paths + val_set.paths)
-
-
-def _tiles(results):
-    return {sid: results / "tiles" / f"{sid}.zarr" for sid in TILES}
 
 
 def test_early_stopping_stops(cohort, tmp_path):
     # lr 0: the validation loss never improves after epoch 1, patience 2 -> 3 epochs of 10
     out = tmp_path / "run"
-    result = train(make_config(cohort, epochs=10, patience=2, lr=0.0), "E", "test-P3", out)
+    result = run_train(make_config(cohort, epochs=10, patience=2, lr=0.0), "E", "test-P3", out)
     assert result["stopped_early"] and result["epochs_run"] == 3 and result["best_epoch"] == 1
     assert list(read_log(out).best) == [True, False, False]
 
 
 def test_predictions_follow_the_tile_store(straight_run, cohort):
-    out, _ = straight_run
+    out, _, _ = straight_run
     pred = zarr.open_group(str(out / "predictions.zarr"), mode="r")
     rates = pred["rates"]
     tiles = zarr.open_group(str(cohort / "tiles" / "P3.zarr"), mode="r")
     assert rates.shape == (3, 4, BINS, BINS) and rates.dtype == np.float16 and rates.chunks == (1, 4, BINS, BINS)
-    assert pred.attrs["genes"] == tiles.attrs["genes"] and pred.attrs["fold"] == "test-P3" and pred.attrs["sample"] == "P3"
+    assert (
+        pred.attrs["genes"] == tiles.attrs["genes"] and pred.attrs["fold"] == "test-P3" and pred.attrs["sample"] == "P3"
+    )
     model, meta = load_model(out / "best.safetensors")
     tokens = zarr.open_group(str(cohort / "features" / "tiny" / "P3.zarr"), mode="r")["tokens"]
     with torch.no_grad():
@@ -223,12 +303,19 @@ def test_predictions_follow_the_tile_store(straight_run, cohort):
 
 
 def test_predictions_with_tta_average_the_eight_views(straight_run, cohort, tmp_path):
-    from sparsitytrap.views import inverse
     from sparsitytrap.predict import write_predictions
+    from sparsitytrap.views import inverse
 
-    out, _ = straight_run
+    out, _, _ = straight_run
     feats = cohort / "features" / "tiny" / "P3.zarr"
-    write_predictions(out / "best.safetensors", cohort / "tiles" / "P3.zarr", tmp_path / "tta.zarr", features=feats, tta=True, device="cpu")
+    write_predictions(
+        out / "best.safetensors",
+        cohort / "tiles" / "P3.zarr",
+        tmp_path / "tta.zarr",
+        features=feats,
+        tta=True,
+        device="cpu",
+    )
     pred = zarr.open_group(str(tmp_path / "tta.zarr"), mode="r")
     assert pred.attrs["tta"] is True
     model, _ = load_model(out / "best.safetensors")
@@ -242,15 +329,19 @@ def test_predictions_with_tta_average_the_eight_views(straight_run, cohort, tmp_
 def test_predictions_sdata_overlays_the_bins(straight_run, cohort):
     import spatialdata
 
-    out, _ = straight_run
-    sdata = spatialdata.read_zarr(out / "predictions_sdata.zarr")
-    table = sdata.tables["predictions"]
+    out, _, overlay = straight_run
+    sdata = spatialdata.read_zarr(overlay)
+    table = sdata.tables["predictions_E"]
     tiles = zarr.open_group(str(cohort / "tiles" / "P3.zarr"), mode="r")
     mask, origin = tiles["mask"][:], tiles["bin_origin"][:]
     rates = zarr.open_group(str(out / "predictions.zarr"), mode="r")["rates"][:]
     assert table.shape == (mask.sum(), 4) and list(table.var_names) == tiles.attrs["genes"]
     row = table.obs.iloc[-1]
-    t, i, j = int(row.tile), int(row.array_row) - origin[int(row.tile), 0], int(row.array_col) - origin[int(row.tile), 1]
+    t, i, j = (
+        int(row.tile),
+        int(row.array_row) - origin[int(row.tile), 0],
+        int(row.array_col) - origin[int(row.tile), 1],
+    )
     assert mask[t, i, j]
     np.testing.assert_array_equal(table.X[-1], rates[t, :, i, j].astype(np.float32))
     x, y = table.obsm["spatial"][-1]
@@ -264,13 +355,11 @@ def test_predictions_sdata_overlays_the_bins(straight_run, cohort):
 def test_one_overlay_holds_every_model_of_a_fold(straight_run, cohort, tmp_path):
     import spatialdata
 
-    from sparsitytrap.predict import write_predictions_sdata
-
-    out, _ = straight_run
+    out, _, overlay = straight_run
     pred = out / "predictions.zarr"
-    write_predictions_sdata({"m1": pred, "m2": pred}, cohort / "tiles" / "P3.zarr", tmp_path / "fold.zarr")
+    run_overlay(make_config(cohort), "test-P3", {"m1": pred, "m2": pred}, tmp_path / "fold.zarr")
     sdata = spatialdata.read_zarr(tmp_path / "fold.zarr")
-    single = spatialdata.read_zarr(out / "predictions_sdata.zarr").tables["predictions"]
+    single = spatialdata.read_zarr(overlay).tables["predictions_E"]
     assert sorted(sdata.tables) == ["predictions_m1", "predictions_m2"]
     for table in sdata.tables.values():
         np.testing.assert_array_equal(table.X, single.X)
@@ -295,31 +384,50 @@ def test_each_loss_family_trains(cohort, two_tiles, tmp_path, model):
     config = make_config(cohort, epochs=2)
     config["samples"] = {"P1": {}, "P2": {}}
     out = tmp_path / model
-    result = train(config, model, "test-P2", out, tiles=two_tiles[0], features=two_tiles[1])
+    result = run_train(config, model, "test-P2", out, tiles=two_tiles[0], features=two_tiles[1])
     assert result["epochs_run"] == 2 and result["train_tiles"] == 1 and result["val_tiles"] == 1
     log = read_log(out)
     assert np.isfinite(log[["train_loss", "val_loss"]].to_numpy()).all()
-    rates = zarr.open_group(str(out / "predictions.zarr"), mode="r")["rates"][:]
+    pred = zarr.open_group(str(run_predict(config, model, "test-P2", out, *two_tiles)), mode="r")
+    rates = pred["rates"][:]
     assert rates.shape == (1, 4, 128, 128) and np.isfinite(rates).all() and (rates >= 0).all()
-    if model == "S":
-        assert zarr.open_group(str(out / "predictions.zarr"), mode="r").attrs["relative"]
+    assert pred.attrs["relative"] == (model == "S")
 
 
 def test_color_jitter_encodes_on_the_fly(cohort, tmp_path):
     config = make_config(cohort, epochs=1, augment={"dihedral": True, "color_jitter": True})
     out = tmp_path / "run"
-    # no feature cache at all: the frozen encoder runs in the loop
-    nowhere = {sid: tmp_path / "no_features" / f"{sid}.zarr" for sid in TILES}
-    result = train(config, "E", "test-P3", out, features=nowhere)
+    # no feature cache of the training samples: the frozen encoder runs in the loop
+    nowhere = {sid: tmp_path / "no_features" / f"{sid}.zarr" for sid in ("P1", "P2")}
+    result = run_train(config, "E", "test-P3", out, features=nowhere)
     assert result["finished"] and np.isfinite(read_log(out).train_loss).all()
     again = tmp_path / "again"
-    train(config, "E", "test-P3", again, features=nowhere)
+    run_train(config, "E", "test-P3", again, features=nowhere)
     pd.testing.assert_frame_equal(read_log(out)[STABLE], read_log(again)[STABLE])
+    # the predict rule reads the test sample's cache (no jitter at prediction): the same rates
+    # as encoding its images on the fly, up to the cache's float16 tokens
+    cached = zarr.open_group(str(run_predict(config, "E", "test-P3", out)), mode="r")["rates"][:]
+    tiles, _ = sample_paths(config)
+    predict(
+        stconfig.model_config(config, "E"),
+        weights=out / "best.safetensors",
+        tiles=tiles["P3"],
+        features=None,
+        out_pred=tmp_path / "on_the_fly.zarr",
+        encoder_cfg=stconfig.encoder_config(config),
+    )
+    on_the_fly = zarr.open_group(str(tmp_path / "on_the_fly.zarr"), mode="r")["rates"][:]
+    np.testing.assert_allclose(on_the_fly.astype(np.float32), cached.astype(np.float32), rtol=1e-2, atol=1e-4)
 
 
 def test_bad_inputs(cohort, tmp_path):
+    config = make_config(cohort)
     with pytest.raises(InputError, match="fold"):
-        train(make_config(cohort), "E", "test-P9", tmp_path / "x")
-    bad = copy.deepcopy(make_config(cohort))
+        run_train(config, "E", "test-P9", tmp_path / "x")
     with pytest.raises(InputError, match="P1.zarr"):
-        train(bad, "E", "test-P3", tmp_path / "y", features={"P1": tmp_path / "P1.zarr"})
+        run_train(config, "E", "test-P3", tmp_path / "y", features={"P1": tmp_path / "P1.zarr"})
+    spec, tiles = stconfig.model_config(config, "E"), [cohort / "tiles" / "P1.zarr"]
+    with pytest.raises(InputError, match="features: 0 feature caches for 1 tile stores"):
+        fit(spec, tiles, [], tmp_path / "z")
+    with pytest.raises(InputError, match="tiles: no training samples"):
+        fit(spec, [], [], tmp_path / "z")

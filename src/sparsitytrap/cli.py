@@ -58,10 +58,10 @@ def _features(a):
 
 
 def _train(a):
-    from .train import fit
+    from .training import fit
 
     cfg = stconfig.load(a.config)
-    fit(stconfig.model_config(cfg, a.model), a.tiles, a.features, a.out, encoder_cfg=stconfig.encoder_config(cfg))
+    fit(stconfig.model_config(cfg, a.model), a.tiles, a.features, a.out, encoder_cfg=stconfig.encoder_config(cfg, a.encoder))
 
 
 def _predict(a):
@@ -69,20 +69,97 @@ def _predict(a):
 
     cfg = stconfig.load(a.config)
     predict(stconfig.model_config(cfg, a.model), weights=a.weights, tiles=a.tiles, features=a.features,
-            out_pred=a.out, out_sdata=a.out_sdata, encoder_cfg=stconfig.encoder_config(cfg))
+            out_pred=a.out, encoder_cfg=stconfig.encoder_config(cfg, a.encoder))
+
+
+def _overlay(a):
+    from .predict import write_predictions_sdata
+
+    write_predictions_sdata(dict(zip(a.models, a.predictions, strict=True)), a.tiles, a.out)
+
+
+def _settings(text):
+    """`--settings`: a YAML file or an inline YAML mapping (the `diffusion:` section), checked."""
+    import yaml
+    from pathlib import Path
+
+    from .diffusion.settings import check_settings
+
+    value = yaml.safe_load(Path(text).read_text()) if text and Path(text).is_file() else yaml.safe_load(text or "{}")
+    if not isinstance(value, dict):
+        raise InputError("--settings", f"{text!r} is neither a YAML file nor a YAML mapping")
+    return check_settings(value.get("diffusion", value), where="--settings")
+
+
+def _correct_diffusion(a):
+    from .diffusion import correct_sample
+    from .io import write_json
+    from .tile import read_gene_list
+
+    report = correct_sample(a.sdata, read_gene_list(a.genes), a.out, dataset_id=a.dataset_id, settings=_settings(a.settings))
+    if a.report:
+        write_json(report, a.report)
+
+
+def _corrected_tiles(a):
+    from .tile import corrected_tiles
+
+    corrected_tiles(a.tiles, a.corrected, a.out)
+
+
+def _validate_diffusion(a):
+    from .diffusion.report import validate_diffusion
+
+    validate_diffusion(a.sdata, a.corrected, a.truth, a.genes, a.out_table, a.out_summary, a.out_figure,
+                       dataset_id=a.dataset_id, settings=_settings(a.settings), figure_genes=a.figure_genes)  # fmt: skip
+
+
+def _ceiling(a):
+    from .evaluate import evaluate_ceiling
+
+    evaluate_ceiling(a.tiles, a.out, truth_zarr=a.truth, batch_tiles=a.batch_tiles, shuffle_seed=a.shuffle_seed,
+                     ssim_min_tissue=a.ssim_min_tissue)  # fmt: skip
 
 
 def _evaluate(a):
     from .evaluate import evaluate
 
     evaluate(a.predictions, a.tiles, a.out, truth_zarr=a.truth, ceiling_csv=a.ceiling, genes_csv=a.genes,
-             batch_tiles=a.batch_tiles, bootstrap=a.bootstrap)
+             model=a.model, fold=a.fold, batch_tiles=a.batch_tiles, shuffle_seed=a.shuffle_seed,
+             bootstrap=a.bootstrap, bootstrap_seed=a.bootstrap_seed, ssim_min_tissue=a.ssim_min_tissue)  # fmt: skip
 
 
 def _stats(a):
     from .stats import run_comparison
 
-    run_comparison(a.a, a.b, a.out, names=(a.name_a, a.name_b), n_boot=a.bootstrap)
+    run_comparison(a.dirs_a, a.dirs_b, a.out, metrics=a.metrics, names=(a.name_a, a.name_b),
+                   bootstrap=a.bootstrap, bootstrap_seed=a.bootstrap_seed)  # fmt: skip
+
+
+def _factorial(a):
+    from .stats import run_factorial
+
+    cells = [{"decoder": c[0], "loss": c[1], "dirs": c[2:]} for c in a.cells]
+    run_factorial(cells, a.out, metrics=a.metrics, reference=a.reference)
+
+
+def _figure(a):
+    import yaml
+
+    from .figures import FIGURES
+
+    entry = FIGURES[a.name]
+    values = {}
+    for item in a.set or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise InputError("--set", f"{item!r} is not KEY=VALUE")
+        values[key] = yaml.safe_load(text)
+    wanted = set(entry.args) | set(entry.options)
+    missing, unknown = sorted(wanted - set(values)), sorted(set(values) - wanted)
+    if missing or unknown:
+        raise InputError(f"figure {a.name}", f"needs --set for {missing}" if missing else f"takes no {unknown}")
+    entry.load()(**values, out_prefix=a.out, formats=a.format)
 
 
 def _check_config(a):
@@ -90,11 +167,45 @@ def _check_config(a):
     print(json.dumps({"samples": list(cfg["samples"]), "models": list(cfg["models"]), "folds": stconfig.fold_names(cfg)}))
 
 
+#: The workflow rule each sub-command is (tests check that every rule param is an option here).
+RULE_COMMANDS = {
+    "simulate": "simulate", "ingest": "ingest", "select_genes": "select-genes", "tile": "tile",
+    "features": "features", "train": "train", "predict": "predict", "overlay": "overlay",
+    "ceiling": "ceiling", "evaluate": "evaluate", "stats": "stats", "factorial": "factorial",
+    "correct_diffusion": "correct-diffusion", "corrected_tiles": "corrected-tiles",
+    "validate_diffusion": "validate-diffusion",
+}  # fmt: skip
+EVALUATION_DEFAULTS = stconfig.defaults("evaluation")
+METRICS_DEFAULT = stconfig.defaults("stats")["metrics"]
+
+
+def _evaluation_options(s, *names):
+    """The `evaluation:` settings a command takes, with the config's defaults."""
+    helps = {
+        "batch_tiles": "tiles per batch (bounds memory)",
+        "shuffle_seed": "seed of the label-shuffle null and the split-half thinning",
+        "bootstrap": "tile-bootstrap resamples for the intervals (0: none)",
+        "bootstrap_seed": "seed of the tile bootstrap",
+        "ssim_min_tissue": "SSIM on tiles with a larger tissue fraction",
+    }
+    for name in names:
+        value = EVALUATION_DEFAULTS[name]
+        s.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=helps[name])
+
+
+def _command(sub, name, help):
+    """A sub-command whose --help shows every option's default."""
+    return sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def parser():
+    from importlib.metadata import version
+
     p = argparse.ArgumentParser(prog="sparsitytrap", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {version('sparsitytrap')}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("simulate", help="write one simulated patient in the Space Ranger layout, with ground truth")
+    s = _command(sub, "simulate", help="write one simulated patient in the Space Ranger layout, with ground truth")
     s.add_argument("--out", required=True, help="patient folder (outs/, truth.zarr, params.json are written in it)")
     s.add_argument("--sample", required=True)
     s.add_argument("--preset", default="demo", choices=["demo", "full"])
@@ -105,19 +216,19 @@ def parser():
     s.add_argument("--microns-per-pixel", type=float, help="H&E scale (default 0.48: off the bin grid)")
     s.set_defaults(func=_simulate)
 
-    s = sub.add_parser("validate", help="check a Space Ranger Visium HD folder before ingestion")
+    s = _command(sub, "validate", help="check a Space Ranger Visium HD folder before ingestion")
     s.add_argument("spaceranger")
     s.add_argument("--dataset-id", required=True)
     s.set_defaults(func=_validate)
 
-    s = sub.add_parser("ingest", help="read a Space Ranger folder with spatialdata-io into a SpatialData zarr")
+    s = _command(sub, "ingest", help="read a Space Ranger folder with spatialdata-io into a SpatialData zarr")
     s.add_argument("spaceranger")
     s.add_argument("--dataset-id", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--fullres-image")
     s.set_defaults(func=_ingest)
 
-    s = sub.add_parser("select-genes", help="choose the modelled genes and write genes.csv")
+    s = _command(sub, "select-genes", help="choose the modelled genes and write genes.csv")
     s.add_argument("sdata", nargs="+")
     s.add_argument("--out", required=True)
     s.add_argument("--method", default="variance", choices=["variance", "hvg", "panel"])
@@ -126,7 +237,7 @@ def parser():
     s.add_argument("--panel")
     s.set_defaults(func=_select_genes)
 
-    s = sub.add_parser("tile", help="cut 256 um tiles into a tile store")
+    s = _command(sub, "tile", help="cut 256 um tiles into a tile store")
     s.add_argument("sdata")
     s.add_argument("--genes", required=True)
     s.add_argument("--out", required=True)
@@ -136,7 +247,7 @@ def parser():
     s.add_argument("--min-tissue-fraction", type=float, default=0.5)
     s.set_defaults(func=_tile)
 
-    s = sub.add_parser("features", help="cache frozen-encoder token grids of every tile and dihedral view")
+    s = _command(sub, "features", help="cache frozen-encoder token grids of every tile and dihedral view")
     s.add_argument("tiles")
     s.add_argument("--config", default="config.yaml")
     s.add_argument("--encoder", help="encoder name in the config (default: config's encoder)")
@@ -144,45 +255,108 @@ def parser():
     s.add_argument("--out", required=True)
     s.set_defaults(func=_features)
 
-    s = sub.add_parser("train", help="train one model on the training patients of a fold")
+    s = _command(sub, "train", help="train one model on the training patients of a fold")
     s.add_argument("--config", default="config.yaml")
     s.add_argument("--model", required=True)
     s.add_argument("--tiles", nargs="+", required=True, help="tile stores of the training patients")
     s.add_argument("--features", nargs="+", required=True, help="their feature caches, same order")
+    s.add_argument("--encoder", help="encoder name in the config (default: the config's encoder)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_train)
 
-    s = sub.add_parser("predict", help="predict the test patient's 2 um rates with trained weights")
+    s = _command(sub, "predict", help="predict the test patient's 2 um rates with trained weights")
     s.add_argument("--config", default="config.yaml")
     s.add_argument("--model", required=True)
     s.add_argument("--weights", required=True)
     s.add_argument("--tiles", required=True)
     s.add_argument("--features", required=True)
+    s.add_argument("--encoder", help="encoder name in the config (default: the config's encoder)")
     s.add_argument("--out", required=True)
-    s.add_argument("--out-sdata", required=True)
     s.set_defaults(func=_predict)
 
-    s = sub.add_parser("evaluate", help="per-gene metrics of one (model, fold), with null and noise ceiling")
+    s = _command(sub, "overlay", help="one SpatialData store with every model's 2 um predictions of a fold")
+    s.add_argument("tiles", help="the fold's test sample tile store")
+    s.add_argument("--models", nargs="+", required=True, help="model names, one per predictions store")
+    s.add_argument("--predictions", nargs="+", required=True, help="their predictions.zarr, same order")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_overlay)
+
+    s = _command(sub, "correct-diffusion", help="correct lateral mRNA diffusion of an ingested sample (optimal transport)")
+    s.add_argument("sdata", help="SpatialData store written by `sparsitytrap ingest`")
+    s.add_argument("--genes", required=True, help="genes.csv: the genes to correct")
+    s.add_argument("--out", required=True, help="corrected-counts store (zarr)")
+    s.add_argument("--report", help="JSON report: removed mass per gene, fitted parameters, diffusion length")
+    s.add_argument("--dataset-id", help="sample id naming the SpatialData elements (default: inferred)")
+    s.add_argument("--settings", help="the `diffusion:` settings: a YAML file or an inline mapping such as '{rho: 2}'")
+    s.set_defaults(func=_correct_diffusion)
+
+    s = _command(sub, "corrected-tiles", help="a tile store with its counts replaced by corrected counts")
+    s.add_argument("tiles", help="the sample's tile store")
+    s.add_argument("--corrected", required=True, help="its corrected-counts store")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_corrected_tiles)
+
+    s = _command(sub, "validate-diffusion", help="raw, Richardson-Lucy and OT against a simulated sample's truth")
+    s.add_argument("sdata")
+    s.add_argument("--corrected", required=True)
+    s.add_argument("--truth", required=True, help="the simulated sample's truth.zarr")
+    s.add_argument("--genes", required=True)
+    s.add_argument("--out-table", required=True, help="per gene and method (CSV)")
+    s.add_argument("--out-summary", required=True, help="per method (CSV)")
+    s.add_argument("--out-figure", required=True, help="figure path without extension (.png is written)")
+    s.add_argument("--dataset-id")
+    s.add_argument("--settings")
+    s.add_argument("--figure-genes", nargs="*", default=[], help="genes drawn (default: the first four)")
+    s.set_defaults(func=_validate_diffusion)
+
+    s = _command(sub, "ceiling", help="noise ceiling per gene of one test patient (once for every model)")
+    s.add_argument("tiles")
+    s.add_argument("--truth", help="simulated truth.zarr; without it: split-half thinning of the counts")
+    s.add_argument("--out", required=True, help="ceiling CSV")
+    _evaluation_options(s, "batch_tiles", "shuffle_seed", "ssim_min_tissue")
+    s.set_defaults(func=_ceiling)
+
+    s = _command(sub, "evaluate", help="per-gene metrics of one (model, fold), with null and noise ceiling")
     s.add_argument("predictions")
     s.add_argument("tiles")
     s.add_argument("--truth")
-    s.add_argument("--ceiling", help="ceiling table from a previous run (skips recomputing it)")
+    s.add_argument("--ceiling", help="ceiling table from `sparsitytrap ceiling` (skips recomputing it)")
     s.add_argument("--genes", help="genes.csv, for the category column")
-    s.add_argument("--batch-tiles", type=int, default=4)
-    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--model", help="model name (default: the predictions store's)")
+    s.add_argument("--fold", help="fold name (default: the predictions store's)")
+    _evaluation_options(s, *EVALUATION_DEFAULTS)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_evaluate)
 
-    s = sub.add_parser("stats", help="compare two models over folds: tables S1-S3 and a summary")
-    s.add_argument("--a", nargs="+", required=True, help="evaluation folders of model A, one per fold")
-    s.add_argument("--b", nargs="+", required=True, help="evaluation folders of model B, same folds")
+    s = _command(sub, "stats", help="compare two models over folds: tables S1-S3 and a summary")
+    s.add_argument("--dirs-a", nargs="+", required=True, help="evaluation folders of model A, one per fold")
+    s.add_argument("--dirs-b", nargs="+", required=True, help="evaluation folders of model B, same folds")
     s.add_argument("--name-a", default="A")
     s.add_argument("--name-b", default="B")
-    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--metrics", nargs="+", default=METRICS_DEFAULT)
+    _evaluation_options(s, "bootstrap", "bootstrap_seed")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_stats)
 
-    s = sub.add_parser("check-config", help="validate a config file and list its samples, models and folds")
+    s = _command(sub, "factorial", help="2x2 decoder x loss decomposition per fold and pooled")
+    s.add_argument("--cells", nargs="+", action="append", required=True, metavar="DECODER LOSS DIR",
+                   help="one cell: decoder, loss, then its evaluation folders (one per fold); give four")  # fmt: skip
+    s.add_argument("--reference", nargs=2, default=["img2st", "mse"], metavar=("DECODER", "LOSS"))
+    s.add_argument("--metrics", nargs="+", default=METRICS_DEFAULT)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_factorial)
+
+    from .figures import FIGURES
+
+    s = _command(sub, "figure", help="draw one figure of the workflow (`figures.FIGURES`) from its inputs")
+    s.add_argument("name", choices=sorted(FIGURES))
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="an argument of the figure (its data and options; a YAML value: a path, a number, a list)")  # fmt: skip
+    s.add_argument("--format", nargs="+", default=["png"])
+    s.add_argument("--out", required=True, help="output path without extension")
+    s.set_defaults(func=_figure)
+
+    s = _command(sub, "check-config", help="validate a config file and list its samples, models and folds")
     s.add_argument("config", nargs="?", default="config.yaml")
     s.set_defaults(func=_check_config)
     return p

@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
+def defaults(section):
+    """The schema's default of every key of a config section (one place for the CLI's defaults too)."""
+    props = yaml.safe_load(SCHEMA.read_text())["properties"][section]["properties"]
+    return {k: v["default"] for k, v in props.items() if "default" in v}
+
+
 def _key(path):
     return ".".join(str(p) for p in path) or "<top level>"
 
@@ -58,6 +64,7 @@ def _check_references(config, source):
             if comp[side] not in models:
                 raise InputError(f"{source}: comparisons[{i}].{side}", f"model {comp[side]!r} is not declared under models")
     _check_models(config, source)
+    diffusion_settings(config, source)
     _check_factorial(config, source)
     _check_metrics(config, source)
     ms = config.get("figures", {}).get("multiscale_model")
@@ -102,6 +109,14 @@ def _check_models(config, source):
         check_decoder(model["decoder"], {}, f"{where}.decoder")
         check_decoder(model["decoder"], model.get("decoder_kwargs", {}), f"{where}.decoder_kwargs")
         build_loss(model["loss"], n_genes=config["genes"]["n_genes"], where=f"{where}.loss")
+
+
+def diffusion_settings(config, source="config"):
+    """The `diffusion:` section with every default filled, checked (it is what the stage runs with)."""
+    from .diffusion.settings import check_settings
+
+    section = {k: v for k, v in config.get("diffusion", {}).items() if k != "validate"}
+    return check_settings(section, where=f"{source}: diffusion")
 
 
 def _check_factorial(config, source):
@@ -173,7 +188,14 @@ def model_config(config, name):
     for k, v in model.pop("training", {}).items():
         training[k] = {**training.get(k, {}), **v} if isinstance(v, dict) else v
     widths = {**config.get("decoders", {}).get(model["decoder"], {}), **model.pop("decoder_kwargs", {})}
-    return {"name": name, "decoder": model["decoder"], "decoder_kwargs": widths, "loss": model["loss"], "training": training}
+    return {
+        "name": name,
+        "decoder": model["decoder"],
+        "decoder_kwargs": widths,
+        "loss": model["loss"],
+        "counts": model.get("counts", "raw"),
+        "training": training,
+    }
 
 
 def encoder_config(config, name=None):

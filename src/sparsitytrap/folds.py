@@ -1,57 +1,15 @@
-"""Patient-level folds and the spatially contiguous validation split.
+"""The spatially contiguous validation split of a fold's training patients.
 
-A fold is named by its test sample (``test-P1``) and trains on the others. Model selection
-and early stopping use validation tiles drawn from the *training* patients only, as contiguous
-blocks of the 256 um tile grid, so that validation tiles are not the spatial neighbours of
-training tiles on every side (the seeds drew them at random from adjacent tiles).
+Folds themselves (named by their test sample, ``test-P1``) are
+:func:`sparsitytrap.config.fold_names` and :func:`~sparsitytrap.config.fold_samples`. Model
+selection and early stopping use validation tiles drawn from the *training* patients only, as
+contiguous blocks of the 256 um tile grid, so that validation tiles are not the spatial
+neighbours of training tiles on every side (the seeds drew them at random from adjacent tiles).
 """
 
 import numpy as np
 
 from .errors import InputError
-
-
-def make_folds(sample_ids, folds_cfg="loo"):
-    """Folds of a cohort.
-
-    Parameters
-    ----------
-    sample_ids
-        Sample ids in config order.
-    folds_cfg
-        ``"loo"`` (leave one patient out: one fold per sample) or a list of test sample ids.
-
-    Returns
-    -------
-    dict
-        ``{fold name: {"test": sample id, "train": [sample ids]}}``, in the order of the test
-        samples; fold names are ``f"test-{sid}"``.
-    """
-    sample_ids = list(sample_ids)
-    if len(set(sample_ids)) != len(sample_ids):
-        raise InputError("samples", f"sample ids are not unique: {sample_ids}")
-    if folds_cfg == "loo":
-        tests = sample_ids
-    elif isinstance(folds_cfg, (list, tuple)) and folds_cfg:
-        tests = list(folds_cfg)
-    else:
-        raise InputError("folds", f"must be 'loo' or a non-empty list of test sample ids, got {folds_cfg!r}")
-    for sid in tests:
-        if sid not in sample_ids:
-            raise InputError("folds", f"test sample {sid!r} is not declared under samples")
-    if len(set(tests)) != len(tests):
-        raise InputError("folds", f"a test sample is listed twice: {tests}")
-    if len(sample_ids) < 2:
-        raise InputError("folds", "a fold needs at least one training sample beside its test sample")
-    return {f"test-{sid}": {"test": sid, "train": [s for s in sample_ids if s != sid]} for sid in tests}
-
-
-def fold_split(sample_ids, folds_cfg, fold):
-    """(train sample ids, test sample id) of one fold name."""
-    folds = make_folds(sample_ids, folds_cfg)
-    if fold not in folds:
-        raise InputError("fold", f"{fold!r} is not one of the folds {list(folds)}")
-    return folds[fold]["train"], folds[fold]["test"]
 
 
 def validation_split(grid, val_fraction=0.2, block_tiles=2, seed=0):

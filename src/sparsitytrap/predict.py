@@ -1,16 +1,14 @@
-"""Predict a test sample with trained weights: a rate store and a SpatialData overlay.
+"""Predict a test sample with trained weights: its rate store, and the SpatialData overlay of a fold.
 
-``predictions.zarr`` (zarr v3 group): ``rates`` float16 ``[T, G, 128, 128]``, one chunk per
-tile, tiles in the order of the test sample's tile store; attrs ``model``, ``fold``,
-``sample``, ``genes``, ``output``, ``tta``, ``relative`` (True for STRank score models, whose
-``exp(score)`` are relative scores, not counts) and ``note``.
+``predictions.zarr``: the rate store of one (model, fold), owned by :mod:`sparsitytrap.stores.predictions`.
 
-``predictions_sdata.zarr``: a SpatialData object with table ``predictions`` (AnnData: the
-in-tissue 2 um bins of the test tiles x genes, X = predicted rates float32; obs ``array_row``,
+``results/predictions/{fold}.zarr`` (:func:`write_predictions_sdata`, rule ``overlay``): a
+SpatialData object with one table ``predictions_{model}`` per model (AnnData: the in-tissue
+2 um bins of the test tiles x genes, X = predicted rates float32; obs ``array_row``,
 ``array_col``, ``tile``, ``location_id``, ``region``; obs names are Space Ranger barcodes
 ``s_002um_{row:05d}_{col:05d}-1``; obsm ``spatial`` = full-resolution pixel (x, y) of the bin
-centres) annotating shapes ``{sample}_predicted_002um`` (2 um squares in full-resolution
-pixels), in the coordinate system named after the sample, like the ingested H&E.
+centres), all annotating the shapes ``{sample}_predicted_002um`` (2 um squares in
+full-resolution pixels), in the coordinate system named after the sample, like the ingested H&E.
 """
 
 import json
@@ -41,7 +39,7 @@ def load_model(weights, device="cpu"):
     Parameters
     ----------
     weights
-        Path to a ``best.safetensors`` written by :func:`sparsitytrap.train.fit`.
+        Path to a ``best.safetensors`` written by :func:`sparsitytrap.training.fit`.
     device
         Torch device.
 
@@ -70,9 +68,12 @@ def load_model(weights, device="cpu"):
     return model.to(device).eval(), meta
 
 
-def predict(model_cfg=None, weights=None, tiles=None, features=None, out_pred=None, out_sdata=None, encoder_cfg=None,
+def predict(model_cfg=None, weights=None, tiles=None, features=None, out_pred=None, encoder_cfg=None,
             tta=None, batch_size=None, device=None):
-    """Write ``predictions.zarr`` and ``predictions_sdata.zarr`` of one test sample.
+    """Write ``predictions.zarr`` of one test sample, with the model's prediction settings.
+
+    The SpatialData overlay of a fold is a separate step (:func:`write_predictions_sdata`, the
+    workflow's ``overlay`` rule), written once for every model of the fold.
 
     Parameters
     ----------
@@ -85,8 +86,8 @@ def predict(model_cfg=None, weights=None, tiles=None, features=None, out_pred=No
         The test sample's tile store.
     features
         Its feature cache; None to encode the images on the fly with `encoder_cfg`.
-    out_pred, out_sdata
-        Output paths (``predictions.zarr``, ``predictions_sdata.zarr``); `out_sdata` may be None.
+    out_pred
+        Output path, ``predictions.zarr``.
     encoder_cfg
         Encoder settings, for on-the-fly encoding.
     tta, batch_size, device
@@ -98,8 +99,6 @@ def predict(model_cfg=None, weights=None, tiles=None, features=None, out_pred=No
     batch_size = int(batch_size or t.get("batch_size", 8))
     write_predictions(weights, tiles, out_pred, features=features, encoder_cfg=encoder_cfg, tta=tta,
                       batch_size=batch_size, device=device or t.get("device", "auto"))
-    if out_sdata is not None:
-        write_predictions_sdata(out_pred, tiles, out_sdata)
 
 
 @torch.no_grad()
@@ -199,19 +198,18 @@ def _token_source(root, features, encoder_cfg, n_tiles, in_dim, device):
     return encode
 
 
-def write_predictions_sdata(predictions_zarr, tiles, out_zarr):
-    """Write the predictions of the in-tissue bins as SpatialData tables over 2 um squares.
+def write_predictions_sdata(predictions, tiles, out_zarr):
+    """Write every model's predictions of the in-tissue bins of a fold as SpatialData tables over 2 um squares.
 
     Parameters
     ----------
-    predictions_zarr
-        ``predictions.zarr`` from :func:`write_predictions` (table ``predictions``), or
-        ``{model: predictions.zarr}`` of one test sample (one table ``predictions_{model}`` each,
-        all annotating the same squares: every model of a fold in one store).
+    predictions
+        ``{model: predictions.zarr}`` of one test sample: one table ``predictions_{model}`` each,
+        all annotating the same squares.
     tiles
-        The tile store it was predicted from (mask, bin origins, ``bin_to_pixel`` affine).
+        The tile store they were predicted from (mask, bin origins, ``bin_to_pixel`` affine).
     out_zarr
-        ``predictions_sdata.zarr`` (see the module docstring).
+        ``results/predictions/{fold}.zarr`` (see the module docstring).
     """
     import anndata as ad
     import geopandas as gpd
@@ -225,7 +223,6 @@ def write_predictions_sdata(predictions_zarr, tiles, out_zarr):
     mask, origin = root.mask, root.bin_origin[:]
     affine = np.asarray(root.attrs["bin_to_pixel"], dtype=float)
     sample = str(root.sample)
-    stores = predictions_zarr if isinstance(predictions_zarr, dict) else {None: predictions_zarr}
     rows, cols, tile_of = [], [], []
     for t in range(mask.shape[0]):
         i, j = np.nonzero(mask[t])
@@ -252,10 +249,10 @@ def write_predictions_sdata(predictions_zarr, tiles, out_zarr):
         index=[f"s_002um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)],
     )
     tables = {}
-    for model, path in stores.items():
+    for model, path in predictions.items():
         x, genes = _tissue_rates(path, mask)
         adata = ad.AnnData(X=x, obs=obs.copy(), var=pd.DataFrame(index=genes), obsm={"spatial": centre})
-        name = "predictions" if model is None else f"predictions_{model}"
+        name = f"predictions_{model}"
         tables[name] = TableModel.parse(adata, region=shapes_name, region_key="region", instance_key="location_id")
     sdata = SpatialData(shapes={shapes_name: shapes}, tables=tables)
     with atomic_path(out_zarr) as tmp:

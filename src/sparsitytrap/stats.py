@@ -381,20 +381,20 @@ def _read_eval(eval_dir):
     return per_gene["fold"].iloc[0], per_gene, evaluation.read_per_tile(eval_dir)
 
 
-def delta_ci(tiles_a, tiles_b, metric, n_boot=1000, seed=0, level=0.95):
+def delta_ci(tiles_a, tiles_b, metric, bootstrap=1000, bootstrap_seed=7, level=0.95):
     """Paired tile-bootstrap interval of the mean over folds of the mean-over-genes delta B - A.
 
     Returns
     -------
-    low, high (NaN when the metric cannot be resampled or ``n_boot`` is 0).
+    low, high (NaN when the metric cannot be resampled or ``bootstrap`` is 0).
     """
-    reps = paired_delta(tiles_a, tiles_b, metric, n_boot, seed) if n_boot >= 1 else None
+    reps = paired_delta(tiles_a, tiles_b, metric, bootstrap, bootstrap_seed) if bootstrap >= 1 else None
     low, high = interval(reps, level) if reps is not None else (None, None)
     return (np.nan, np.nan) if low is None else (low, high)
 
 
 def run_comparison(eval_dirs_a, eval_dirs_b, out_dir, metrics=STATS_METRICS, names=("A", "B"), categories=None,
-                   n_boot=1000, seed=0):  # fmt: skip
+                   bootstrap=1000, bootstrap_seed=7):  # fmt: skip
     """Compare model B with model A over the folds: write tables S1-S3 and a summary (CSV).
 
     Parameters
@@ -409,7 +409,7 @@ def run_comparison(eval_dirs_a, eval_dirs_b, out_dir, metrics=STATS_METRICS, nam
         Model names (column headers and the summary).
     categories
         gene -> category (see :func:`compare`); default: the ``category`` column of the tables.
-    n_boot, seed
+    bootstrap, bootstrap_seed
         Paired tile bootstrap of the mean delta (:func:`delta_ci`).
 
     Returns
@@ -427,7 +427,7 @@ def run_comparison(eval_dirs_a, eval_dirs_b, out_dir, metrics=STATS_METRICS, nam
     out = {k: [] for k in STATS_TABLES}
     for metric in metrics:
         tables = compare(gene_a, gene_b, metric, categories, names)
-        low, high = delta_ci([t for *_, t in a], [t for *_, t in b], metric, n_boot, seed)
+        low, high = delta_ci([t for *_, t in a], [t for *_, t in b], metric, bootstrap, bootstrap_seed)
         tables["summary"] = tables["summary"].assign(delta_ci_low=low, delta_ci_high=high)
         for k in STATS_TABLES:
             out[k].append(tables[k].rename(columns=lambda c, m=metric: c.replace(f"{m}_", "")).assign(metric=metric))

@@ -268,3 +268,36 @@ def tile_image(levels, A, r0, c0, tile_bins, image_px):
         axis=-1,
     )
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def corrected_tiles(tiles_zarr, corrected_zarr, out_zarr):
+    """The tile store of a sample with its counts replaced by diffusion-corrected counts.
+
+    Same tiles, images, masks and genes as ``tiles_zarr``; ``counts`` are float32 windows of the
+    corrected store (:mod:`sparsitytrap.diffusion.store`) and ``counts_kind`` is ``corrected``.
+
+    Returns
+    -------
+    int
+        Number of tiles written.
+    """
+    from .diffusion import open_corrected, read_window
+
+    raw = tile_store.open_tiles(tiles_zarr)
+    corrected = open_corrected(corrected_zarr)
+    if corrected.genes != raw.genes:
+        raise InputError(corrected_zarr, f"genes differ from the tile store's ({tiles_zarr}): same genes.csv needed")
+    if corrected.attrs.get("sample") not in (None, raw.sample):
+        raise InputError(corrected_zarr, f"corrects sample {corrected.attrs.get('sample')!r}, not {raw.sample!r}")
+    tb, origin = raw.tile_bins, raw.bin_origin[:]
+    keep = ("genes", "tile_bins", "image_px")
+    with atomic_path(out_zarr) as tmp:
+        images, counts, mask = tile_store.create(
+            tmp, n_tiles=raw.n_tiles, genes=raw.genes, tile_bins=tb, image_px=int(raw.images.shape[1]),
+            attrs={**{k: v for k, v in raw.attrs.items() if k not in keep}, "counts_kind": "corrected"},
+            grid=raw.grid[:], bin_origin=origin, pixel_box=raw.pixel_box[:], counts_dtype="float32",
+        )  # fmt: skip
+        for t in range(raw.n_tiles):
+            images[t], mask[t] = raw.images[t], raw.mask[t]
+            counts[t] = read_window(corrected, int(origin[t, 0]), int(origin[t, 1]), tb, tb)
+    return raw.n_tiles

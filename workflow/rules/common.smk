@@ -76,19 +76,39 @@ def all_targets():
     targets += expand(
         f"{R}/eval/{{model}}/{{fold}}/per_gene.csv", model=MODELS, fold=FOLDS
     )
-    targets += stats_targets() + figure_targets()
+    targets += stats_targets() + figure_targets() + diffusion_targets()
     return targets
+
+
+DIFFUSION = stconfig.diffusion_settings(config)
+
+
+def diffusion_targets():
+    """Validation of the correction against truth, for the simulated samples, when any model uses it."""
+    used = any(m.get("counts", "raw") == "corrected" for m in config["models"].values())
+    validate = config.get("diffusion", {}).get("validate", True)
+    if not (used and validate):
+        return []
+    return [f"{R}/diffusion/{s}/validation.csv" for s in SAMPLES if is_simulated(s)]
+
+
+def tiles_of(model):
+    """Tile stores a model trains on: raw counts, or diffusion-corrected (`counts: corrected`)."""
+    counts = config["models"][model].get("counts", "raw")
+    return "tiles" if counts == "raw" else "tiles_corrected"
 
 
 def train_inputs(wc):
     train, _ = stconfig.fold_samples(config, wc.fold)
     return {
-        "tiles": [f"{R}/tiles/{s}.zarr" for s in train],
+        "tiles": [f"{R}/{tiles_of(wc.model)}/{s}.zarr" for s in train],
         "features": [f"{R}/features/{ENCODER}/{s}.zarr" for s in train],
     }
 
 
 # --- evaluation, statistics and figures ---
+from sparsitytrap.figures import FIGURES
+
 FIG = f"{R}/figures"
 FORMATS = config["figures"]["format"]
 COMPARISONS = {c["name"]: c for c in config.get("comparisons", [])}
@@ -150,14 +170,9 @@ def stats_targets():
 
 
 def figure_targets():
-    """Every figure, first format (the rule writes all formats)."""
-    fmt = FORMATS[0]
-    names = ["results_table", "bar_chart", "noise_ceiling", "training_curves"]
-    names += [
-        f"{kind}/{c}" for kind in ("sparsity_scatter", "heatmap") for c in COMPARISONS
-    ]
-    names += [f"rescue/{c}/{f}" for c in COMPARISONS for f in DRAWN_FOLDS]
-    names += [f"mosaic/{f}/{g}" for f in DRAWN_FOLDS for g in MOSAIC_GENES]
-    if MULTISCALE and MOSAIC_GENES:
-        names += [f"multiscale/{f}" for f in DRAWN_FOLDS]
-    return [f"{FIG}/{n}.{fmt}" for n in names]
+    """Every figure of sparsitytrap.figures.FIGURES that the config asks for, each output
+    name expanded over what it is drawn per; first format (the rule writes all formats).
+    """
+    over = {"comparison": list(COMPARISONS), "fold": DRAWN_FOLDS, "gene": MOSAIC_GENES}
+    names = [n for f in FIGURES.values() if f.drawn(config) for n in f.names(over)]
+    return [f"{FIG}/{n}.{FORMATS[0]}" for n in names]

@@ -98,13 +98,13 @@ rule stats:
     conda:
         "../../envs/sparsitytrap.yaml"
     params:
-        a=lambda wc: COMPARISONS[wc.comparison]["a"],
-        b=lambda wc: COMPARISONS[wc.comparison]["b"],
+        name_a=lambda wc: COMPARISONS[wc.comparison]["a"],
+        name_b=lambda wc: COMPARISONS[wc.comparison]["b"],
         dirs_a=lambda wc: [eval_dir(COMPARISONS[wc.comparison]["a"], f) for f in FOLDS],
         dirs_b=lambda wc: [eval_dir(COMPARISONS[wc.comparison]["b"], f) for f in FOLDS],
         metrics=config["stats"]["metrics"],
         bootstrap=config["evaluation"]["bootstrap"],
-        seed=config["evaluation"]["bootstrap_seed"],
+        bootstrap_seed=config["evaluation"]["bootstrap_seed"],
     script:
         "../scripts/stats.py"
 
@@ -162,8 +162,8 @@ rule figure_bar_chart:
         "../../envs/sparsitytrap.yaml"
     params:
         dirs=[eval_dir(m, f) for m in MODELS for f in FOLDS],
-        n_boot=config["evaluation"]["bootstrap"],
-        seed=config["evaluation"]["shuffle_seed"],
+        bootstrap=config["evaluation"]["bootstrap"],
+        bootstrap_seed=config["evaluation"]["bootstrap_seed"],
     script:
         "../scripts/figures.py"
 
@@ -283,7 +283,7 @@ rule figure_mosaic:
     conda:
         "../../envs/sparsitytrap.yaml"
     params:
-        models=MODELS,
+        predictions=lambda wc, input: dict(zip(MODELS, input.preds)),
         shared_scale=config["figures"]["shared_scale"],
     script:
         "../scripts/figures.py"
@@ -302,7 +302,7 @@ rule figure_multiscale:
     conda:
         "../../envs/sparsitytrap.yaml"
     params:
-        model=MULTISCALE,
-        genes=MOSAIC_GENES,
+        model=config["figures"].get("multiscale_model"),
+        genes=config["figures"].get("mosaic_genes", []),
     script:
         "../scripts/figures.py"

@@ -10,7 +10,7 @@ with job(snakemake):
         p.dirs_b,
         Path(snakemake.output.summary).parent,
         metrics=p.metrics,
-        names=(p.a, p.b),
-        n_boot=p.bootstrap,
-        seed=p.seed,
+        names=(p.name_a, p.name_b),
+        bootstrap=p.bootstrap,
+        bootstrap_seed=p.bootstrap_seed,
     )

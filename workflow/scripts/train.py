@@ -3,7 +3,7 @@ from pathlib import Path
 import torch
 
 from sparsitytrap.smk import job
-from sparsitytrap.train import fit
+from sparsitytrap.training import fit
 
 with job(snakemake):
     torch.set_num_threads(snakemake.threads)

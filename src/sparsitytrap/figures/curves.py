@@ -1,0 +1,62 @@
+"""Training curves, read from each (model, fold)'s ``log.csv``."""
+
+from pathlib import Path
+
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from ..errors import InputError
+from ._common import FORMATS, require, save
+
+
+def training_curves(log_csvs, out_prefix, formats=FORMATS):
+    """Training and validation loss per epoch (and the other ``val_*`` columns), one column per model.
+
+    Parameters
+    ----------
+    log_csvs
+        ``results/models/{model}/{fold}/log.csv`` files; model and fold are read from the path.
+    out_prefix
+        Output path without extension.
+    formats
+        File formats.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    logs = []
+    for path in map(Path, log_csvs):
+        df = pd.read_csv(path)
+        require(df, ["epoch", "train_loss", "val_loss"], path)
+        logs.append((path.parent.parent.name, path.parent.name, df))
+    if not logs:
+        raise InputError("log_csvs", "no log.csv files given")
+    models = list(dict.fromkeys(mo for mo, _, _ in logs))
+    folds = sorted({f for _, f, _ in logs})
+    extra = sorted({c for _, _, df in logs for c in df.columns if c.startswith("val_") and c != "val_loss"})
+    colours = dict(zip(folds, sns.color_palette("tab10", len(folds))))
+    fig = Figure(figsize=(3.2 * len(models), 2.6 * (1 + len(extra))), layout="constrained")
+    axes = fig.subplots(1 + len(extra), len(models), squeeze=False)
+    for j, mo in enumerate(models):
+        for m2, fold, df in logs:
+            if m2 != mo:
+                continue
+            ax = axes[0, j]
+            ax.plot(df["epoch"], df["train_loss"], color=colours[fold], label=f"{fold} train")
+            ax.plot(df["epoch"], df["val_loss"], color=colours[fold], ls="--", label=f"{fold} validation")
+            for i, col in enumerate(extra, start=1):
+                if col in df:
+                    axes[i, j].plot(df["epoch"], df[col], color=colours[fold], ls="--", label=fold)
+        axes[0, j].set_title(mo, fontsize=8)
+        axes[0, j].set_ylabel("loss (model's own)")
+        for i, col in enumerate(extra, start=1):
+            axes[i, j].set_ylabel(col)
+        axes[-1, j].set_xlabel("epoch")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(
+        "Training (solid) and validation (dashed: held-out blocks of the training patients) per fold", fontsize=9
+    )
+    save(fig, out_prefix, formats)
+    return fig
