@@ -143,8 +143,27 @@ def run_stage(a, stage):
     timefile = work / f"time_{stage}.txt"
     stats_file = work / f"stats_{stage}.json"
     stats_file.unlink(missing_ok=True)
-    cmd = ["/usr/bin/time", "-f", "%e %M", "-o", str(timefile), sys.executable, __file__, "--child", stage,
-           "--work", str(work), "--sample", a.sample, "--seed", str(a.seed), "--preset", a.preset, "--n-genes", str(a.n_genes)]
+    cmd = [
+        "/usr/bin/time",
+        "-f",
+        "%e %M",
+        "-o",
+        str(timefile),
+        sys.executable,
+        __file__,
+        "--child",
+        stage,
+        "--work",
+        str(work),
+        "--sample",
+        a.sample,
+        "--seed",
+        str(a.seed),
+        "--preset",
+        a.preset,
+        "--n-genes",
+        str(a.n_genes),
+    ]
     if a.circles:
         cmd.append("--circles")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -162,8 +181,13 @@ def run_stage(a, stage):
                 proc.wait()
                 break
             time.sleep(1.0)
-    row = {"stage": stage, "rc": proc.returncode, "killed": killed,
-           "machine_peak_gib": round(peak_machine, 2), "machine_before_gib": round(base, 2)}
+    row = {
+        "stage": stage,
+        "rc": proc.returncode,
+        "killed": killed,
+        "machine_peak_gib": round(peak_machine, 2),
+        "machine_before_gib": round(base, 2),
+    }
     if timefile.exists() and not killed:
         last = timefile.read_text().strip().splitlines()[-1].split()
         row["wall_s"], row["peak_rss_gib"] = float(last[0]), int(last[1]) * 1024 / GIB
@@ -195,7 +219,9 @@ def print_table(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "st_full"), help="work folder (outside the repository)")
+    ap.add_argument(
+        "--work", default=str(Path(tempfile.gettempdir()) / "st_full"), help="work folder (outside the repository)"
+    )
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     ap.add_argument("--sample", default="P1")
     ap.add_argument("--seed", type=int, default=1)

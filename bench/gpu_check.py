@@ -64,7 +64,8 @@ def train_epoch(name, grids, n_genes, device, batch, widths):
         loss.backward()
         opt.step()
     sync(device)
-    return {"decoder": name, "parameters": count_parameters(dec), "tiles_per_s": len(grids) / (time.perf_counter() - start),
+    seconds = time.perf_counter() - start
+    return {"decoder": name, "parameters": count_parameters(dec), "tiles_per_s": len(grids) / seconds,
             "peak_gpu_gib": peak_gib(device), "final_loss": float(loss)}  # fmt: skip
 
 
@@ -86,9 +87,16 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     tiles_per_s, grids = encoder_throughput(encoder, device, a.tiles, a.batch)
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "encoder": enc_cfg, "tiles": a.tiles, "batch": a.batch, "encoder_tiles_per_s": tiles_per_s,
-              "encoder_peak_gpu_gib": peak_gib(device), "token_grid": list(grids.shape[1:]), "decoders": []}  # fmt: skip
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "encoder": enc_cfg,
+        "tiles": a.tiles,
+        "batch": a.batch,
+        "encoder_tiles_per_s": tiles_per_s,
+        "encoder_peak_gpu_gib": peak_gib(device),
+        "token_grid": list(grids.shape[1:]),
+        "decoders": [],
+    }
     del encoder
     for name in ("hist2st", "img2st"):
         report["decoders"].append(train_epoch(name, grids, a.genes, device, a.batch, widths[name]))

@@ -50,8 +50,13 @@ def validation_table():
     rows = []
     for path in sorted(RESULTS.glob("models/*/*/metrics_val.json")):
         v = json.loads(path.read_text())
-        rows.append({"model": path.parts[-3], "fold": path.parts[-2],
-                     **{k: v[k] for k in v if isinstance(v[k], (int, float)) and not isinstance(v[k], bool)}})
+        rows.append(
+            {
+                "model": path.parts[-3],
+                "fold": path.parts[-2],
+                **{k: v[k] for k in v if isinstance(v[k], (int, float)) and not isinstance(v[k], bool)},
+            }
+        )
     df = pd.DataFrame(rows)
     return df.groupby("model", sort=False).mean(numeric_only=True).round(4).to_markdown()
 
@@ -62,8 +67,11 @@ def time_table():
         rule = Path(path).relative_to(RESULTS / "benchmarks").parts[0]
         b = pd.read_csv(path, sep="\t")
         rows.append({"rule": rule, "s": b["s"].iloc[-1], "max_rss_mb": b["max_rss"].iloc[-1]})
-    df = pd.DataFrame(rows).groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), mean_s=("s", "mean"),
-                                                peak_rss_mb=("max_rss_mb", "max"))
+    df = (
+        pd.DataFrame(rows)
+        .groupby("rule")
+        .agg(jobs=("s", "size"), total_s=("s", "sum"), mean_s=("s", "mean"), peak_rss_mb=("max_rss_mb", "max"))
+    )
     return df.round(1).to_markdown()
 
 

@@ -41,7 +41,9 @@ def test_a_constant_side_is_left_out_and_nothing_is_nan_elsewhere():
     reps = B.replicates(table, "pcc_2um_pooled", 50, seed=0)
     w = B.weights(40, 50, 0)
     s = table[sum_columns("2um")].to_numpy().reshape(40, 3, 6)
-    genes_0_2 = [np.mean(pearson_from_sums((w[b][:, None, None] * s).sum(0)[[0, 2]], np.zeros(2, bool))) for b in range(50)]
+    genes_0_2 = [
+        np.mean(pearson_from_sums((w[b][:, None, None] * s).sum(0)[[0, 2]], np.zeros(2, bool))) for b in range(50)
+    ]
     np.testing.assert_allclose(reps, genes_0_2, rtol=1e-12)
 
 

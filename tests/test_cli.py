@@ -45,7 +45,9 @@ def test_every_rule_is_a_command_and_its_params_are_options():
     rules = rule_params()
     scripted = {r for r in rules if r not in ("all",) and not r.startswith("figure_")}
     assert scripted == set(cli.RULE_COMMANDS)
-    expand = {"sim": list(SCHEMA["properties"]["samples"]["additionalProperties"]["properties"]["simulate"]["properties"])}
+    expand = {
+        "sim": list(SCHEMA["properties"]["samples"]["additionalProperties"]["properties"]["simulate"]["properties"])
+    }
     for rule, command in cli.RULE_COMMANDS.items():
         wanted = [k for p in rules[rule] for k in expand.get(p, [p])]
         missing = sorted(set(wanted) - options(command))
@@ -74,8 +76,23 @@ def test_ceiling_evaluate_stats_from_the_command_line(tmp_path, capsys):
         assert cli.main(argv) == 0
     summary = json.loads((tmp_path / "good" / "summary.json").read_text())
     assert summary["model"] == "good" and "seed 7" in summary["protocol"]["bootstrap"]
-    argv = ["stats", "--dirs-a", str(tmp_path / "poor"), "--dirs-b", str(tmp_path / "good"), "--name-a", "poor",
-            "--name-b", "good", "--metrics", "pcc_2um_pooled", "--bootstrap", "50", "--out", str(tmp_path / "cmp")]  # fmt: skip
+    argv = [
+        "stats",
+        "--dirs-a",
+        str(tmp_path / "poor"),
+        "--dirs-b",
+        str(tmp_path / "good"),
+        "--name-a",
+        "poor",
+        "--name-b",
+        "good",
+        "--metrics",
+        "pcc_2um_pooled",
+        "--bootstrap",
+        "50",
+        "--out",
+        str(tmp_path / "cmp"),
+    ]
     assert cli.main(argv) == 0
     row = pd.read_csv(tmp_path / "cmp" / "summary.csv").iloc[0]
     assert row["delta_mean"] > 0 and row["delta_ci_low"] <= row["delta_mean"] <= row["delta_ci_high"]

@@ -40,22 +40,46 @@ def test_default_config_is_valid(cfg):
         (lambda c: c["tiles"].update(min_tissue_fraction=1.5), "tiles.min_tissue_fraction", "maximum"),
         (lambda c: c["genes"].update(n_genes=2.5), "genes.n_genes", "not of type"),
         (lambda c: c["samples"].update(P9={"path": "/no/such/spaceranger/outs"}), "samples.P9.path", "does not exist"),
-        (lambda c: c["models"]["E_hist2st_poisson"]["loss"].update(name="l1"), "models.E_hist2st_poisson.loss.name", "is not one of"),
+        (
+            lambda c: c["models"]["E_hist2st_poisson"]["loss"].update(name="l1"),
+            "models.E_hist2st_poisson.loss.name",
+            "is not one of",
+        ),
         (lambda c: c.update(encoder="uni"), "encoder", "not one of encoders"),
         (lambda c: c["comparisons"][0].update(b="missing_model"), "comparisons[0].b", "not declared"),
         (lambda c: c.update(folds=["P7"]), "folds", "not declared"),
         (lambda c: c["figures"].update(folds=["test-P9"]), "figures.folds", "not a fold"),
         # settings are checked against the registries when the DAG is planned, not inside a job
-        (lambda c: c["models"]["V7_multiscale"]["loss"].update(scals=[1, 2]), "models.V7_multiscale.loss.scals", "unknown setting"),
-        (lambda c: c["models"]["D_hist2st_mse"].update(decoder_kwargs={"hiddn": 8}), "models.D_hist2st_mse.decoder_kwargs.hiddn", "unknown setting"),
-        (lambda c: c["models"]["D_hist2st_mse"].update(decoder="unet"), "models.D_hist2st_mse.decoder", "unknown decoder"),
+        (
+            lambda c: c["models"]["V7_multiscale"]["loss"].update(scals=[1, 2]),
+            "models.V7_multiscale.loss.scals",
+            "unknown setting",
+        ),
+        (
+            lambda c: c["models"]["D_hist2st_mse"].update(decoder_kwargs={"hiddn": 8}),
+            "models.D_hist2st_mse.decoder_kwargs.hiddn",
+            "unknown setting",
+        ),
+        (
+            lambda c: c["models"]["D_hist2st_mse"].update(decoder="unet"),
+            "models.D_hist2st_mse.decoder",
+            "unknown decoder",
+        ),
         (lambda c: c["decoders"]["img2st"].update(widht=8), "decoders.img2st.widht", "unknown setting"),
         (lambda c: c["decoders"].update(vit={}), "decoders.vit", "unknown decoder"),
-        (lambda c: c["models"]["S_hist2st_liststrank"]["loss"].update(list_scope="patient"), "list_scope", "is not one of"),
+        (
+            lambda c: c["models"]["S_hist2st_liststrank"]["loss"].update(list_scope="patient"),
+            "list_scope",
+            "is not one of",
+        ),
         (lambda c: c["stats"].update(metrics=["pcc_16um_pooled"]), "stats.metrics[0]", "unknown metric"),
         (lambda c: c["factorial"]["cells"][0].update(loss="poisson"), "factorial.cells[0].loss", "has loss 'mse'"),
         (lambda c: c["factorial"]["reference"].update(decoder="unet"), "factorial.reference.decoder", "two decoders"),
-        (lambda c: c["factorial"]["cells"][3].update(model="S_hist2st_liststrank"), "factorial.cells[3].decoder", "has decoder"),
+        (
+            lambda c: c["factorial"]["cells"][3].update(model="S_hist2st_liststrank"),
+            "factorial.cells[3].decoder",
+            "has decoder",
+        ),
         (lambda c: c.update(resources={"mem_mb": {"train": "lots"}}), "resources.mem_mb.train", "not of type"),
     ],
 )
@@ -99,3 +123,34 @@ def test_fold_samples(cfg):
     assert stconfig.fold_samples(out, "test-P2") == (["P1", "P3"], "P2")
     with pytest.raises(InputError):
         stconfig.fold_samples(out, "test-P9")
+
+
+def test_a_key_given_twice_is_refused_with_file_and_line(tmp_path):
+    text = (
+        (ROOT / "config.yaml")
+        .read_text()
+        .replace("  P2: {simulate:", "  P1: {simulate: {seed: 9, n_rows: 576, n_cols: 576}}\n  P2: {simulate:", 1)
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    line = text.splitlines().index("  P1: {simulate: {seed: 9, n_rows: 576, n_cols: 576}}") + 1
+    with pytest.raises(InputError, match=rf"config.yaml:{line}: key 'P1' is given twice"):
+        stconfig.load(path)
+    path.write_text("samples: [P1\nmodels: {}\n")
+    with pytest.raises(InputError, match=r"config.yaml:2: not valid YAML"):
+        stconfig.load(path)
+
+
+def test_snakemake_refuses_a_duplicated_sample_at_plan_time(tmp_path):
+    import subprocess
+
+    from conftest import copy_workflow
+
+    root = copy_workflow(tmp_path)
+    text = (root / "config.yaml").read_text()
+    (root / "config.yaml").write_text(
+        text.replace("  P2: {simulate:", "  P1: {simulate: {seed: 9}}\n  P2: {simulate:", 1)
+    )
+    snakemake = ROOT / ".venv" / "bin" / "snakemake"
+    result = subprocess.run([str(snakemake), "-n", "--cores", "1"], cwd=root, capture_output=True, text=True)
+    assert result.returncode != 0 and "key 'P1' is given twice" in result.stdout + result.stderr

@@ -16,7 +16,7 @@ GENES = ["PIGR", "ACTB", "CD74"]  # deliberately not alphabetical
 TB = 32  # bins per tile side (divisible by 4 for 8 um pooling, >= 7 for SSIM)
 
 
-def smooth_rates(rng, n_tiles, n_genes=len(GENES), tb=TB):
+def smooth_rates(rng, n_tiles, n_genes=len(GENES), tb=TB):  # noqa: B008
     """Independent smooth random fields per (tile, gene), mean levels differing by gene."""
     base = rng.gamma(2.0, 1.0, size=(n_tiles, n_genes, tb // 4, tb // 4))
     field = np.kron(base, np.ones((4, 4)))  # blocks of 4 x 4 bins: structure at 8 um

@@ -46,9 +46,7 @@ def reorder_columns(outs):
 
 def drop_tissue_positions(outs):
     path = outs / SQ2 / "spatial/tissue_positions.parquet"
-    rewrite_parquet(
-        path, lambda t: t.filter(pa.compute.not_equal(t["array_row"], pa.scalar(100, pa.int32())))
-    )
+    rewrite_parquet(path, lambda t: t.filter(pa.compute.not_equal(t["array_row"], pa.scalar(100, pa.int32()))))
 
 
 def wrong_microns_per_pixel(outs):
@@ -139,9 +137,7 @@ def test_good_sample_round_trips(hd_sample, sdata_zarr):
     expected = hd_sample.counts[bins].toarray()
     genes = pd.Index(table.var_names).get_indexer(hd_sample.gene_names)
     assert np.array_equal(table.X[:, genes].toarray(), expected)
-    x, y = hd_sample.bin_to_pixel @ np.stack(
-        [table.obs["array_row"], table.obs["array_col"], np.ones(len(bins))]
-    )
+    x, y = hd_sample.bin_to_pixel @ np.stack([table.obs["array_row"], table.obs["array_col"], np.ones(len(bins))])
     assert np.allclose(table.obsm["spatial"], np.column_stack([x, y]))
     full = sdata.images["T1_full_image"]["scale0"]["image"]
     assert full.shape == (3, *hd_sample.fullres_shape)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.stats import nbinom
 
-from sparsitytrap.errors import InputError
 from sparsitytrap.bins import pool_mask, sum_pool
+from sparsitytrap.errors import InputError
 from sparsitytrap.losses import (
     GradNorm,
     MultiScaleLoss,
@@ -337,7 +337,10 @@ def test_registry_declares_each_loss_output_and_settings():
         assert loss_settings({"name": name}) == {"name": name, **spec.settings}
     assert loss_output({"name": "multiscale", "base": "strank_list"}) == "score"
     # a multiscale loss takes its base's settings, with their defaults
-    assert build_loss({"name": "multiscale", "base": "nb", "log_dispersion": -1.0}, n_genes=3).base.log_dispersion[0] == -1.0
+    assert (
+        build_loss({"name": "multiscale", "base": "nb", "log_dispersion": -1.0}, n_genes=3).base.log_dispersion[0]
+        == -1.0
+    )
 
 
 def test_floors_are_the_loss_of_a_perfect_prediction():

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import scipy.stats as ss
 import torch
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 

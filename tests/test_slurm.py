@@ -30,8 +30,13 @@ YTE_KEYS = {"__use_yte__", "__definitions__"}
 def run(cmd, timeout, cwd=REPO, env=None):
     """Run `cmd` in its own process group; kill the whole group if it outlives `timeout` s."""
     proc = subprocess.Popen(
-        [str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -185,7 +190,7 @@ rule train:
 rule hungry:
     output: "hungry.txt"
     resources: mem_mb=lambda wc, attempt: 600 * attempt, runtime=5
-    shell: "python -c 'import numpy as np, time; a = np.ones(600 * 2**20 // 8); time.sleep(3)' && echo $SLURM_JOB_ID > {output}"
+    shell: "python -c 'import numpy, time; x = numpy.ones(78643200); time.sleep(3)' && echo $SLURM_JOB_ID > {output}"
 """
 
 
@@ -297,6 +302,8 @@ def test_tiny_workflow_on_slurm(slurm_cluster, workflow_copy):
     untouched = {p: p.stat().st_mtime for p in (results / "models").glob(f"*/{other}/best.safetensors")}
     assert untouched, f"no trained model for fold {other}"
     rerun = submissions(snakemake_slurm(workflow_copy, "--forcerun", *map(str, weights), env=env))
-    assert {(name, wc) for name, wc, _ in rerun if name == "train"} == {("train", f"{m}_{fold}") for m in tiny["models"]}
+    assert {(name, wc) for name, wc, _ in rerun if name == "train"} == {
+        ("train", f"{m}_{fold}") for m in tiny["models"]
+    }
     assert not [j for j in rerun if other in j[1] or j[0] in DATA_RULES], f"jobs outside fold {fold}: {rerun}"
     assert all(p.stat().st_mtime == t for p, t in untouched.items())

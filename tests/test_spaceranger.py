@@ -6,10 +6,9 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import tifffile
+from conftest import image_tiles, make_sample
 
 from sparsitytrap import spaceranger
-
-from conftest import image_tiles, make_sample
 
 
 def bin_dir(sample, b):
@@ -42,18 +41,12 @@ def test_layout_and_metadata(hd_sample):
         positions = pd.read_parquet(spatial / "tissue_positions.parquet")
         assert list(positions.columns) == spaceranger.POSITION_COLUMNS
         k = b // 2
-        assert len(positions) == -(-hd_sample.n_rows // k) * -(
-            -hd_sample.n_cols // k
-        )  # every bin of the grid
+        assert len(positions) == -(-hd_sample.n_rows // k) * -(-hd_sample.n_cols // k)  # every bin of the grid
         factors = json.loads((spatial / "scalefactors_json.json").read_text())
         assert factors["bin_size_um"] == b
-        assert np.isclose(
-            factors["bin_size_um"] / factors["spot_diameter_fullres"], factors["microns_per_pixel"]
-        )
+        assert np.isclose(factors["bin_size_um"] / factors["spot_diameter_fullres"], factors["microns_per_pixel"])
         assert np.isclose(factors["tissue_hires_scalef"], 1 / 8, rtol=0.01)
-        assert (spatial / "tissue_hires_image.png").is_file() and (
-            spatial / "tissue_lowres_image.png"
-        ).is_file()
+        assert (spatial / "tissue_hires_image.png").is_file() and (spatial / "tissue_lowres_image.png").is_file()
     assert (outs / "spatial" / "scalefactors_json.json").is_file()
 
 
@@ -143,7 +136,5 @@ def test_same_inputs_same_files(tmp_path):
         "binned_outputs/square_002um/spatial/scalefactors_json.json",
     ):
         assert (a.outs / rel).read_bytes() == (b.outs / rel).read_bytes()
-    ha, hb = (
-        sc.read_10x_h5(s.outs / "binned_outputs/square_016um/filtered_feature_bc_matrix.h5") for s in (a, b)
-    )
+    ha, hb = (sc.read_10x_h5(s.outs / "binned_outputs/square_016um/filtered_feature_bc_matrix.h5") for s in (a, b))
     assert np.array_equal(ha.X.toarray(), hb.X.toarray()) and list(ha.obs_names) == list(hb.obs_names)

@@ -106,7 +106,9 @@ def test_category_and_quartile_tables():
 
 
 def test_small_categories_get_nan_p_and_unassigned_genes():
-    res = S.compare(per_gene([0, 0, 0], [0.1, 0.2, 0.3]), per_gene([1, 1, 2], [0.1, 0.2, 0.3]), "pcc", categories={"g0": "Immune"})
+    res = S.compare(
+        per_gene([0, 0, 0], [0.1, 0.2, 0.3]), per_gene([1, 1, 2], [0.1, 0.2, 0.3]), "pcc", categories={"g0": "Immune"}
+    )
     s2 = res["s2"].set_index("category")
     assert set(s2.index) == {"Immune", S.UNASSIGNED}
     assert s2["p_wilcoxon"].isna().all()
@@ -126,11 +128,19 @@ def test_2x2_decomposition_known_effects():
     for k, fold in enumerate(["f1", "f2", "f3"]):
         for d in ("img2st", "hist2st"):
             for l in ("mse", "poisson"):  # noqa: E741
-                value = base + loss * (l == "poisson") + decoder * (d == "hist2st") + inter * (l == "poisson") * (d == "hist2st")
+                value = (
+                    base
+                    + loss * (l == "poisson")
+                    + decoder * (d == "hist2st")
+                    + inter * (l == "poisson") * (d == "hist2st")
+                )
                 for gene, offset in [("g0", -0.01), ("g1", 0.01)]:
                     rows.append({"fold": fold, "decoder": d, "loss": l, "gene": gene, "pcc": value + offset + 0.01 * k})
     table = pd.DataFrame(rows)
-    table.loc[(table["fold"] == "f1") & (table["gene"] == "g1") & (table["loss"] == "mse") & (table["decoder"] == "img2st"), "pcc"] = np.nan
+    table.loc[
+        (table["fold"] == "f1") & (table["gene"] == "g1") & (table["loss"] == "mse") & (table["decoder"] == "img2st"),
+        "pcc",
+    ] = np.nan
     out = S.decompose_2x2(table, "pcc").set_index("fold")
     for fold in ("f1", "f2", "f3"):
         assert out.loc[fold, "loss_effect"] == pytest.approx(loss + inter / 2)
@@ -171,8 +181,14 @@ def two_models(tmp_path):
 
 
 def test_run_comparison_writes_consistent_tables(two_models, tmp_path):
-    out = S.run_comparison(two_models["poor"], two_models["good"], tmp_path / "cmp",
-                               metrics=("pcc_2um_pooled", "ssim_2um_pertile"), names=("poor", "good"), bootstrap=200)  # fmt: skip
+    out = S.run_comparison(
+        two_models["poor"],
+        two_models["good"],
+        tmp_path / "cmp",
+        metrics=("pcc_2um_pooled", "ssim_2um_pertile"),
+        names=("poor", "good"),
+        bootstrap=200,
+    )
     for name in S.STATS_TABLES.values():
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     s1, summary = out["s1"], out["summary"].set_index("metric")

@@ -49,9 +49,7 @@ def test_store_has_documented_arrays_and_attrs(tiles, genes_csv):
 def test_counts_round_trip(tiles, hd_sample):
     genes = [hd_sample.gene_names.index(g) for g in tiles.attrs["genes"]]
     source = hd_sample.counts[:, genes].toarray().reshape(hd_sample.n_rows, hd_sample.n_cols, -1)
-    source = source * hd_sample.in_tissue.reshape(
-        hd_sample.n_rows, hd_sample.n_cols, 1
-    )  # matrix = tissue bins
+    source = source * hd_sample.in_tissue.reshape(hd_sample.n_rows, hd_sample.n_cols, 1)  # matrix = tissue bins
     expected = np.zeros(len(genes), dtype=np.int64)
     for r0, c0 in tiles["bin_origin"][:]:
         expected += source[r0 : r0 + TILE, c0 : c0 + TILE].sum(axis=(0, 1))
@@ -108,9 +106,7 @@ def test_threshold_keeps_exactly_the_tissue_tiles(threshold, sdata_zarr, genes_c
     n = tile_sample(sdata_zarr, genes_csv, out, min_tissue_fraction=threshold)
     store = zarr.open_group(out, mode="r")
     assert n == len(expected) and {tuple(rc) for rc in store["grid"][:]} == expected
-    assert np.allclose(
-        [store["mask"][t].mean() for t in range(n)], [fraction[tuple(rc)] for rc in store["grid"][:]]
-    )
+    assert np.allclose([store["mask"][t].mean() for t in range(n)], [fraction[tuple(rc)] for rc in store["grid"][:]])
 
 
 def test_missing_gene_is_an_input_error(sdata_zarr, tmp_path):

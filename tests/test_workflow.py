@@ -136,3 +136,27 @@ def test_workflow_passes_lint_and_snakefmt():
     fmt = subprocess.run([str(SNAKEMAKE.parent / "snakefmt"), "--check", "Snakefile", "workflow"], cwd=repo,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert fmt.returncode == 0, fmt.stderr[-3000:]
+
+
+def test_python_passes_ruff_lint_and_format():
+    repo = Path(__file__).resolve().parents[1]
+    ruff = str(SNAKEMAKE.parent / "ruff")
+    paths = ["src", "workflow/scripts", "tests", "bench"]
+    lint = subprocess.run([ruff, "check", *paths], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout[-3000:]
+    fmt = subprocess.run([ruff, "format", "--check", *paths], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert fmt.returncode == 0, fmt.stdout[-3000:]
+
+
+def test_a_misspelt_loss_or_decoder_setting_is_refused_at_plan_time(tmp_path):
+    root = copy_workflow(tmp_path)
+    for mutate, key in [
+        (lambda c: c["models"]["V7_multiscale"]["loss"].update(scals=[1, 2]), "models.V7_multiscale.loss.scals"),
+        (lambda c: c["models"]["D_hist2st_mse"].update(decoder_kwargs={"hiddn": 8}), "decoder_kwargs.hiddn"),
+    ]:
+        cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+        mutate(cfg)
+        (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        result = subprocess.run([str(SNAKEMAKE), "-n", "--cores", "1"], cwd=root, capture_output=True, text=True)
+        assert result.returncode != 0 and key in result.stdout + result.stderr
+        assert "unknown setting" in result.stdout + result.stderr

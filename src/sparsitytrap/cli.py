@@ -46,8 +46,15 @@ def _select_genes(a):
 def _tile(a):
     from .tile import tile_sample
 
-    tile_sample(a.sdata, a.genes, a.out, tile_bins=a.tile_bins, image_px=a.image_px,
-                min_tissue_fraction=a.min_tissue_fraction, dataset_id=a.dataset_id)
+    tile_sample(
+        a.sdata,
+        a.genes,
+        a.out,
+        tile_bins=a.tile_bins,
+        image_px=a.image_px,
+        min_tissue_fraction=a.min_tissue_fraction,
+        dataset_id=a.dataset_id,
+    )
 
 
 def _features(a):
@@ -61,15 +68,27 @@ def _train(a):
     from .training import fit
 
     cfg = stconfig.load(a.config)
-    fit(stconfig.model_config(cfg, a.model), a.tiles, a.features, a.out, encoder_cfg=stconfig.encoder_config(cfg, a.encoder))
+    fit(
+        stconfig.model_config(cfg, a.model),
+        a.tiles,
+        a.features,
+        a.out,
+        encoder_cfg=stconfig.encoder_config(cfg, a.encoder),
+    )
 
 
 def _predict(a):
     from .predict import predict
 
     cfg = stconfig.load(a.config)
-    predict(stconfig.model_config(cfg, a.model), weights=a.weights, tiles=a.tiles, features=a.features,
-            out_pred=a.out, encoder_cfg=stconfig.encoder_config(cfg, a.encoder))
+    predict(
+        stconfig.model_config(cfg, a.model),
+        weights=a.weights,
+        tiles=a.tiles,
+        features=a.features,
+        out_pred=a.out,
+        encoder_cfg=stconfig.encoder_config(cfg, a.encoder),
+    )
 
 
 def _overlay(a):
@@ -80,8 +99,9 @@ def _overlay(a):
 
 def _settings(text):
     """`--settings`: a YAML file or an inline YAML mapping (the `diffusion:` section), checked."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     from .diffusion.settings import check_settings
 
@@ -96,7 +116,9 @@ def _correct_diffusion(a):
     from .io import write_json
     from .tile import read_gene_list
 
-    report = correct_sample(a.sdata, read_gene_list(a.genes), a.out, dataset_id=a.dataset_id, settings=_settings(a.settings))
+    report = correct_sample(
+        a.sdata, read_gene_list(a.genes), a.out, dataset_id=a.dataset_id, settings=_settings(a.settings)
+    )
     if a.report:
         write_json(report, a.report)
 
@@ -110,8 +132,18 @@ def _corrected_tiles(a):
 def _validate_diffusion(a):
     from .diffusion.report import validate_diffusion
 
-    validate_diffusion(a.sdata, a.corrected, a.truth, a.genes, a.out_table, a.out_summary, a.out_figure,
-                       dataset_id=a.dataset_id, settings=_settings(a.settings), figure_genes=a.figure_genes)  # fmt: skip
+    validate_diffusion(
+        a.sdata,
+        a.corrected,
+        a.truth,
+        a.genes,
+        a.out_table,
+        a.out_summary,
+        a.out_figure,
+        dataset_id=a.dataset_id,
+        settings=_settings(a.settings),
+        figure_genes=a.figure_genes,
+    )
 
 
 def _ceiling(a):
@@ -164,7 +196,9 @@ def _figure(a):
 
 def _check_config(a):
     cfg = stconfig.load(a.config)
-    print(json.dumps({"samples": list(cfg["samples"]), "models": list(cfg["models"]), "folds": stconfig.fold_names(cfg)}))
+    print(
+        json.dumps({"samples": list(cfg["samples"]), "models": list(cfg["models"]), "folds": stconfig.fold_names(cfg)})
+    )
 
 
 #: The workflow rule each sub-command is (tests check that every rule param is an option here).
@@ -281,7 +315,9 @@ def parser():
     s.add_argument("--out", required=True)
     s.set_defaults(func=_overlay)
 
-    s = _command(sub, "correct-diffusion", help="correct lateral mRNA diffusion of an ingested sample (optimal transport)")
+    s = _command(
+        sub, "correct-diffusion", help="correct lateral mRNA diffusion of an ingested sample (optimal transport)"
+    )
     s.add_argument("sdata", help="SpatialData store written by `sparsitytrap ingest`")
     s.add_argument("--genes", required=True, help="genes.csv: the genes to correct")
     s.add_argument("--out", required=True, help="corrected-counts store (zarr)")
@@ -350,8 +386,12 @@ def parser():
 
     s = _command(sub, "figure", help="draw one figure of the workflow (`figures.FIGURES`) from its inputs")
     s.add_argument("name", choices=sorted(FIGURES))
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="an argument of the figure (its data and options; a YAML value: a path, a number, a list)")  # fmt: skip
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an argument of the figure (its data and options; a YAML value: a path, a number, a list)",
+    )
     s.add_argument("--format", nargs="+", default=["png"])
     s.add_argument("--out", required=True, help="output path without extension")
     s.set_defaults(func=_figure)

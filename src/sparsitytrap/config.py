@@ -57,12 +57,16 @@ def _check_references(config, source):
         if "path" in sample and not Path(sample["path"]).is_dir():
             raise InputError(f"{source}: samples.{sid}.path", f"folder {sample['path']!r} does not exist")
     if config["encoder"] not in config["encoders"]:
-        raise InputError(f"{source}: encoder", f"{config['encoder']!r} is not one of encoders {sorted(config['encoders'])}")
+        raise InputError(
+            f"{source}: encoder", f"{config['encoder']!r} is not one of encoders {sorted(config['encoders'])}"
+        )
     models = config["models"]
     for i, comp in enumerate(config.get("comparisons", [])):
         for side in ("a", "b"):
             if comp[side] not in models:
-                raise InputError(f"{source}: comparisons[{i}].{side}", f"model {comp[side]!r} is not declared under models")
+                raise InputError(
+                    f"{source}: comparisons[{i}].{side}", f"model {comp[side]!r} is not declared under models"
+                )
     _check_models(config, source)
     diffusion_settings(config, source)
     _check_factorial(config, source)
@@ -150,15 +154,47 @@ def _check_metrics(config, source):
             raise InputError(f"{source}: stats.metrics[{i}]", f"unknown metric {metric!r}; known: {list(METRICS)}")
 
 
-def load(path):
-    """Read a YAML config file and validate it."""
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (YAML itself keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise InputError(
+                    f"{self.name}:{key_node.start_mark.line + 1}",
+                    f"key {key!r} is given twice in one mapping (first on line {seen[key]}): YAML would keep "
+                    "only the last",
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path):
+    """A config file's YAML, refusing duplicate keys and naming the file and line of a syntax error."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "config file does not exist")
+    text = path.read_text()
     try:
-        config = yaml.safe_load(path.read_text())
+        loader = _StrictLoader(text)
+        loader.name = str(path)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        raise InputError(f"{path}:{mark.line + 1}", f"not valid YAML ({err.problem})") from None
     except yaml.YAMLError as err:
         raise InputError(path, f"not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def load(path):
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    config = read_yaml(path)
     if not isinstance(config, dict):
         raise InputError(path, "must be a mapping of keys to values")
     return validate(config, source=str(path))

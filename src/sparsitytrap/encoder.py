@@ -224,14 +224,16 @@ def _load_weights(model, path):
     if missing or unexpected:
         raise InputError(
             path,
-            f"keys do not match the model: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})",
+            f"keys do not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})",
         )
     wrong = [k for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         k = wrong[0]
         raise InputError(
             path,
-            f"{len(wrong)} tensors have the wrong shape, e.g. {k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}",
+            f"{len(wrong)} tensors have the wrong shape, e.g. {k}: {tuple(state[k].shape)} "
+            f"vs model {tuple(own[k].shape)}",
         )
     model.load_state_dict(state, strict=True)
 
@@ -313,6 +315,7 @@ def token_grid(encoder, images):
     if side * side != n:
         raise InputError(
             f"encoder {encoder.name}",
-            f"{feats.shape[1]} tokens minus {encoder.num_prefix_tokens} prefix tokens leaves {n}, not a square grid (check num_prefix_tokens)",
+            f"{feats.shape[1]} tokens minus {encoder.num_prefix_tokens} prefix tokens leaves {n}, "
+            "not a square grid (check num_prefix_tokens)",
         )
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side).float()

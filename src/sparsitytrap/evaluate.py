@@ -19,17 +19,15 @@ Outputs in ``out_dir``: ``per_gene.csv``, ``per_tile.parquet``, ``summary.json``
 
 import logging
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import zarr
 
 from . import metrics as M
-from .bootstrap import interval, replicates
 from .bins import pool_masked
+from .bootstrap import interval, replicates
 from .errors import InputError
 from .io import write_csv
 from .stores import evaluation as store

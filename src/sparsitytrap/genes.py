@@ -103,9 +103,13 @@ def _hvg_order(adatas, n_genes):
 
     adata = ad.concat(adatas, label="sample", index_unique="-")
     try:
-        sc.pp.highly_variable_genes(adata, n_top_genes=n_genes, flavor="seurat_v3", batch_key="sample" if len(adatas) > 1 else None)
+        sc.pp.highly_variable_genes(
+            adata, n_top_genes=n_genes, flavor="seurat_v3", batch_key="sample" if len(adatas) > 1 else None
+        )
     except ValueError as err:  # seurat_v3's loess fit of variance on mean fails on too few or degenerate genes
-        raise InputError("config genes.method", f"scanpy hvg (seurat_v3) failed on these data ({err}); use 'variance'") from None
+        raise InputError(
+            "config genes.method", f"scanpy hvg (seurat_v3) failed on these data ({err}); use 'variance'"
+        ) from None
     var = adata.var.sort_values("highly_variable_rank")
     return list(var.index[var["highly_variable"]])[:n_genes]
 

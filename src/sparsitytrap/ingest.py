@@ -53,9 +53,7 @@ def validate_spaceranger(path, dataset_id, fullres_image=None):
     if not binned.is_dir():
         archive = path / "binned_outputs.tar.gz"
         if archive.exists():
-            raise InputError(
-                archive, f"binned outputs are still archived: run 'tar -xzf {archive.name}' in {path}"
-            )
+            raise InputError(archive, f"binned outputs are still archived: run 'tar -xzf {archive.name}' in {path}")
         raise InputError(binned, "missing folder")
     folders = sorted(p for p in binned.iterdir() if p.is_dir() and p.name.startswith("square_"))
     if bin_folder(2) not in [p.name for p in folders]:
@@ -113,18 +111,14 @@ def _check_bins(folder):
 def _check_scalefactors(path, bin_um):
     try:
         factors = json.loads(path.read_text())
-        size, diameter, mpp = (
-            float(factors[k]) for k in ("bin_size_um", "spot_diameter_fullres", "microns_per_pixel")
-        )
+        size, diameter, mpp = (float(factors[k]) for k in ("bin_size_um", "spot_diameter_fullres", "microns_per_pixel"))
         float(factors["tissue_hires_scalef"]), float(factors["tissue_lowres_scalef"])
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(path, f"unreadable or incomplete scale factors ({err!r})") from None
     if size != bin_um:
         raise InputError(path, f"bin_size_um is {size} but the folder is for {bin_um} um bins")
     if diameter <= 0 or not np.isclose(size / diameter, mpp):
-        raise InputError(
-            path, f"microns_per_pixel {mpp} != bin_size_um / spot_diameter_fullres = {size}/{diameter}"
-        )
+        raise InputError(path, f"microns_per_pixel {mpp} != bin_size_um / spot_diameter_fullres = {size}/{diameter}")
     return mpp
 
 
@@ -134,9 +128,7 @@ def _matrix_barcodes(path):
             codes = f["matrix/barcodes"][:]
     except (OSError, KeyError) as err:
         raise InputError(path, f"not a 10x HDF5 v3 matrix with /matrix/barcodes ({err})") from None
-    return pa.array(codes.astype(object) if codes.dtype.kind != "S" else codes, type=pa.binary()).cast(
-        pa.string()
-    )
+    return pa.array(codes.astype(object) if codes.dtype.kind != "S" else codes, type=pa.binary()).cast(pa.string())
 
 
 def find_fullres_image(path, dataset_id):
@@ -184,9 +176,7 @@ def _check_image(path, microns_per_pixel):
         raise InputError(path, f"expected an RGB image (height, width, 3), found shape {shape}")
     min_px = int(np.ceil(TILE_UM / microns_per_pixel))
     if min(shape[:2]) < min_px:
-        raise InputError(
-            path, f"image {shape[0]}x{shape[1]} px is smaller than one {TILE_UM:g} um tile ({min_px} px)"
-        )
+        raise InputError(path, f"image {shape[0]}x{shape[1]} px is smaller than one {TILE_UM:g} um tile ({min_px} px)")
 
 
 def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins_as_squares=True):

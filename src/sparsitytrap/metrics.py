@@ -67,8 +67,11 @@ class MetricSpec:
 _CORRELATION = MetricSpec(relative_ok=True, similarity=True)
 #: Every score of an evaluation (columns of ``per_gene.csv``, each with its null and ceiling).
 METRICS = {
-    **{f"{m}_{um}_{p}": _CORRELATION for m, um in [("pcc", "2um"), ("pcc", "4um"), ("pcc", "8um"), ("scc", "2um")]
-       for p in ("pooled", "pertile")},  # fmt: skip
+    **{
+        f"{m}_{um}_{p}": _CORRELATION
+        for m, um in [("pcc", "2um"), ("pcc", "4um"), ("pcc", "8um"), ("scc", "2um")]
+        for p in ("pooled", "pertile")
+    },  # fmt: skip
     "ssim_2um_pertile": MetricSpec(relative_ok=False, similarity=True),
     "ratio_pooled": MetricSpec(relative_ok=False, similarity=False),
     "deviance_pooled": MetricSpec(relative_ok=False, similarity=False),
@@ -482,7 +485,16 @@ class GeneMetrics:
     >>> table = gm.table(genes)  # doctest: +SKIP
     """
 
-    def __init__(self, n_genes, scales=(1, 2, 4), bin_um=2.0, spearman=True, ssim=True, ssim_min_tissue=SSIM_MIN_TISSUE, source="batch"):
+    def __init__(
+        self,
+        n_genes,
+        scales=(1, 2, 4),
+        bin_um=2.0,
+        spearman=True,
+        ssim=True,
+        ssim_min_tissue=SSIM_MIN_TISSUE,
+        source="batch",
+    ):
         self.n_genes = n_genes
         self.scales = tuple(int(k) for k in scales)
         self.source = source
@@ -493,7 +505,11 @@ class GeneMetrics:
         native = f"{bin_um:g}um"
         self._scc = None
         if spearman:
-            self._scc = (f"scc_{native}", SpearmanAccumulator(n_genes), TileMetricAccumulator(n_genes, spearman_per_tile))
+            self._scc = (
+                f"scc_{native}",
+                SpearmanAccumulator(n_genes),
+                TileMetricAccumulator(n_genes, spearman_per_tile),
+            )
         self._ssim = None
         if ssim:
             fn = functools.partial(ssim_per_tile, ssim_min_tissue=ssim_min_tissue)
@@ -626,7 +642,11 @@ def iter_batches(pred, target, mask, batch_tiles, pred_order=None):
             p = np.asarray(pred[t0:t1])
         else:
             p = np.stack([np.asarray(pred[int(i)]) for i in pred_order[t0:t1]])
-        yield torch.from_numpy(p), torch.from_numpy(np.asarray(target[t0:t1])), torch.from_numpy(np.asarray(mask[t0:t1]))
+        yield (
+            torch.from_numpy(p),
+            torch.from_numpy(np.asarray(target[t0:t1])),
+            torch.from_numpy(np.asarray(mask[t0:t1])),
+        )
 
 
 def split_half_thinning(counts, seed):

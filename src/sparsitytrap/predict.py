@@ -19,14 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .decoders import build_decoder, to_rate
-from .errors import InputError
 from .device import resolve_device
+from .errors import InputError
+from .io import atomic_path
 from .stores import predictions as prediction_store
 from .stores.features import open_features
 from .stores.predictions import open_predictions
 from .stores.tiles import open_tiles
 from .views import DIHEDRAL, apply, inverse
-from .io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,24 @@ def load_model(weights, device="cpu"):
         raise InputError(weights, f"metadata lacks {sorted(missing)} (not written by sparsitytrap train)")
     meta["decoder_kwargs"] = json.loads(meta["decoder_kwargs"])
     meta["genes"] = json.loads(meta["genes"])
-    model = build_decoder(meta["decoder"], int(meta["in_dim"]), len(meta["genes"]), meta["output"], **meta["decoder_kwargs"])
+    model = build_decoder(
+        meta["decoder"], int(meta["in_dim"]), len(meta["genes"]), meta["output"], **meta["decoder_kwargs"]
+    )
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
 
-def predict(model_cfg=None, weights=None, tiles=None, features=None, out_pred=None, encoder_cfg=None,
-            tta=None, batch_size=None, device=None):
+def predict(
+    model_cfg=None,
+    weights=None,
+    tiles=None,
+    features=None,
+    out_pred=None,
+    encoder_cfg=None,
+    tta=None,
+    batch_size=None,
+    device=None,
+):
     """Write ``predictions.zarr`` of one test sample, with the model's prediction settings.
 
     The SpatialData overlay of a fold is a separate step (:func:`write_predictions_sdata`, the
@@ -97,8 +108,16 @@ def predict(model_cfg=None, weights=None, tiles=None, features=None, out_pred=No
     t = (model_cfg or {}).get("training", {})
     tta = bool(t.get("predict_tta", False) if tta is None else tta)
     batch_size = int(batch_size or t.get("batch_size", 8))
-    write_predictions(weights, tiles, out_pred, features=features, encoder_cfg=encoder_cfg, tta=tta,
-                      batch_size=batch_size, device=device or t.get("device", "auto"))
+    write_predictions(
+        weights,
+        tiles,
+        out_pred,
+        features=features,
+        encoder_cfg=encoder_cfg,
+        tta=tta,
+        batch_size=batch_size,
+        device=device or t.get("device", "auto"),
+    )
 
 
 @torch.no_grad()
@@ -123,7 +142,9 @@ def predict_rates(model, output, x, tta=False):
     return torch.stack(rates).mean(0)
 
 
-def write_predictions(weights, tiles, out_zarr, features=None, encoder_cfg=None, tta=False, batch_size=8, device="auto"):
+def write_predictions(
+    weights, tiles, out_zarr, features=None, encoder_cfg=None, tta=False, batch_size=8, device="auto"
+):
     """Predict every tile of a tile store and write the float16 rate store.
 
     Parameters
@@ -157,7 +178,7 @@ def write_predictions(weights, tiles, out_zarr, features=None, encoder_cfg=None,
         rates = prediction_store.create(tmp, (n_tiles, len(genes), side, side))
         for start in tqdm(range(0, n_tiles, batch_size), desc=f"predict {root.attrs.get('sample')}", unit="batch"):
             idx = np.arange(start, min(start + batch_size, n_tiles))
-            x = (lambda v: tokens_of(idx, v)) if tta else tokens_of(idx, 0)
+            x = (lambda v, idx=idx: tokens_of(idx, v)) if tta else tokens_of(idx, 0)
             pred = predict_rates(model, meta["output"], x, tta=tta)
             rates[idx[0] : idx[-1] + 1] = np.clip(pred.cpu().numpy(), 0, FLOAT16_MAX).astype(np.float16)
         prediction_store.finish(
@@ -173,7 +194,7 @@ def write_predictions(weights, tiles, out_zarr, features=None, encoder_cfg=None,
                 "note": "exp(score) of a ranking model: relative scores, not expected counts"
                 if relative
                 else "expected counts per 2 um bin",
-            }
+            },
         )
 
 

@@ -153,9 +153,7 @@ def write_sample(
     counts = sp.csr_matrix(counts)
     in_tissue = np.asarray(in_tissue, dtype=bool).ravel()
     if counts.shape[0] != n_bins or in_tissue.size != n_bins:
-        raise ValueError(
-            f"counts has {counts.shape[0]} rows and in_tissue {in_tissue.size}; grid needs {n_bins}"
-        )
+        raise ValueError(f"counts has {counts.shape[0]} rows and in_tissue {in_tissue.size}; grid needs {n_bins}")
     if not (len(gene_ids) == len(gene_names) == counts.shape[1]):
         raise ValueError("gene_ids, gene_names and the columns of counts differ in length")
     if any(int(b) < 2 or int(b) % 2 for b in bin_sizes) or 2 not in bin_sizes:
@@ -282,9 +280,7 @@ def _open_matrix(h5, gene_ids, gene_names):
         "barcodes": group.create_dataset(
             "barcodes", shape=(0,), maxshape=(None,), dtype=f"S{BARCODE_CHARS}", chunks=(H5_CHUNK,), **opts
         ),
-        "data": group.create_dataset(
-            "data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(H5_CHUNK,), **opts
-        ),
+        "data": group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(H5_CHUNK,), **opts),
         "indices": group.create_dataset(
             "indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(H5_CHUNK,), **opts
         ),

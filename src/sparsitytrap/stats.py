@@ -284,8 +284,15 @@ def compare(per_gene_a, per_gene_b, metric, categories=None, names=("A", "B")):
     c = s1[s1["compared"]]
     col_a, col_b = f"{metric}_{names[0]}", f"{metric}_{names[1]}"
     rho, rho_p = spearman(c["sparsity_pct"], c["delta"])
-    summary = {"metric": metric, "model_a": names[0], "model_b": names[1], "n_folds": folds["fold"].nunique(),
-               "n_excluded": int((~s1["compared"]).sum()), "mean_a": c[col_a].mean(), "mean_b": c[col_b].mean()}  # fmt: skip
+    summary = {
+        "metric": metric,
+        "model_a": names[0],
+        "model_b": names[1],
+        "n_folds": folds["fold"].nunique(),
+        "n_excluded": int((~s1["compared"]).sum()),
+        "mean_a": c[col_a].mean(),
+        "mean_b": c[col_b].mean(),
+    }
     summary.update(_summary_stats(c["delta"].to_numpy(), c["win"].to_numpy(dtype=bool)))
     summary.update({"spearman_rho": rho, "spearman_p": rho_p})
     return {

@@ -133,8 +133,7 @@ def read_bins(table, sdata_zarr):
     # Column by column: the obs index (one Python string per bin) would cost ~1 GB on 10M bins.
     obs = table["obs"]
     columns = {
-        key: np.asarray(ad.io.read_elem(obs[key])).astype(np.int64)
-        for key in ("array_row", "array_col", "in_tissue")
+        key: np.asarray(ad.io.read_elem(obs[key])).astype(np.int64) for key in ("array_row", "array_col", "in_tissue")
     }
     xy = np.asarray(ad.io.read_elem(table["obsm/spatial"]), dtype=np.float64)
     if len(xy) == 0:
@@ -157,9 +156,7 @@ def _gene_columns(table, genes, genes_csv, sdata_zarr):
     var_names = pd.Index(ad.io.read_elem(table["var"]).index.astype(str))
     missing = [g for g in genes if g not in var_names]
     if missing:
-        raise InputError(
-            genes_csv, f"{len(missing)} genes not in the table of {sdata_zarr}, e.g. {missing[0]!r}"
-        )
+        raise InputError(genes_csv, f"{len(missing)} genes not in the table of {sdata_zarr}, e.g. {missing[0]!r}")
     return var_names.get_indexer(genes)
 
 
@@ -253,9 +250,7 @@ def tile_image(levels, A, r0, c0, tile_bins, image_px):
     x = A[0, 0] * rows + A[0, 1] * cols + A[0, 2]
     y = A[1, 0] * rows + A[1, 1] * cols + A[1, 2]
     out_px = step * np.sqrt(abs(np.linalg.det(A[:, :2])))  # full-res pixels per output pixel
-    array, sy, sx = max(
-        (lvl for lvl in levels if max(lvl[1], lvl[2]) <= max(out_px, 1.0)), key=lambda lvl: lvl[1]
-    )
+    array, sy, sx = max((lvl for lvl in levels if max(lvl[1], lvl[2]) <= max(out_px, 1.0)), key=lambda lvl: lvl[1])
     yi, xi = y / sy - 0.5, x / sx - 0.5  # continuous array indices at this level
     i0, j0 = max(int(np.floor(yi.min())) - 1, 0), max(int(np.floor(xi.min())) - 1, 0)
     i1, j1 = min(int(np.ceil(yi.max())) + 2, array.shape[1]), min(int(np.ceil(xi.max())) + 2, array.shape[2])

@@ -22,8 +22,8 @@ import importlib
 import itertools
 import re
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 MODULES = ("_common", "overview", "comparisons", "maps", "curves")
 

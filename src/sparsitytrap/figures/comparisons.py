@@ -1,4 +1,4 @@
-"""Two models compared gene by gene (the statistics of :func:`sparsitytrap.stats.compare`): sparsity scatter, heatmap."""
+"""Two models compared gene by gene (:func:`sparsitytrap.stats.compare`): sparsity scatter, heatmap."""
 
 import numpy as np
 import pandas as pd

@@ -61,7 +61,8 @@ def results_table(eval_dirs, out_prefix, metrics=TABLE_METRICS, formats=FORMATS)
                 "n/a: relative scores, not counts"
                 if mo in relative and m in COUNT_SCALE
                 else f"{mean_sd(mean.at[mo, m], sd.at[mo, m], n.at[mo, m])}\n"
-                f"null {mean_sd(mean.at[mo, m + '_null'], np.nan, 1)} | ceiling {mean_sd(mean.at[mo, m + '_ceiling'], np.nan, 1)}"
+                f"null {mean_sd(mean.at[mo, m + '_null'], np.nan, 1)} | "
+                f"ceiling {mean_sd(mean.at[mo, m + '_ceiling'], np.nan, 1)}"
             )
             for m in metrics
         ]
