@@ -10,6 +10,7 @@ import zarr
 from sparsitytrap.errors import InputError
 from sparsitytrap.evaluate import evaluate, evaluate_ceiling
 from sparsitytrap.metrics import pearson_from_sums
+from sparsitytrap.stores import manifest
 from sparsitytrap.stores.evaluation import range_columns, sum_columns
 
 GENES = ["PIGR", "ACTB", "CD74"]  # deliberately not alphabetical
@@ -39,6 +40,7 @@ def write_tiles(path, counts, mask, grid, genes=GENES):
     g.create_array("grid", data=grid.astype(np.int32))
     g.create_array("bin_origin", data=(grid * TB).astype(np.int32))
     g.create_array("images", data=np.zeros((t, 8, 8, 3), np.uint8))
+    manifest.write(path)  # as every store the workflow writes
     return path
 
 
@@ -47,6 +49,7 @@ def write_pred(path, rates):
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.create_array("rates", data=rates.astype(np.float16), chunks=(1, *rates.shape[1:]))
     g.attrs.update(genes=list(GENES), sample="PX")
+    manifest.write(path)
     return path
 
 

@@ -6,6 +6,7 @@ import zarr
 from sparsitytrap.encoder import build_encoder, token_grid
 from sparsitytrap.errors import InputError
 from sparsitytrap.features import cache_features
+from sparsitytrap.stores import manifest
 from sparsitytrap.views import DIHEDRAL, apply, inverse
 
 # A tiny real timm ViT (random weights): 14 x 14 tokens of width 32.
@@ -68,6 +69,7 @@ def write_tile_store(path, n_tiles=3, n_genes=4, seed=0, sample="S", grid_cols=3
             "grid_shape": [int(grid[:, 0].max()) + 1, grid_cols],
         }
     )
+    manifest.write(path)  # as every store the workflow writes
     return path
 
 

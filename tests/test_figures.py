@@ -8,6 +8,7 @@ import zarr
 from sparsitytrap import figures
 from sparsitytrap.errors import InputError
 from sparsitytrap.evaluate import evaluate
+from sparsitytrap.stores import manifest
 
 GENES = ["VIM", "PIGR", "ACTB", "MT-ATP6", "CD74"]
 CATEGORIES = ["Stromal", "Secretory", "Housekeeping", "Mitochondrial", "Immune"]
@@ -30,6 +31,7 @@ def write_sample(root, sample, rng):
     g.create_array("grid", data=GRID.astype(np.int32))
     g.create_array("bin_origin", data=(GRID * TB).astype(np.int32))
     g.create_array("images", data=rng.integers(0, 255, (t, 24, 24, 3), dtype=np.uint8), chunks=(1, 24, 24, 3))
+    manifest.write(root / f"{sample}.zarr")
     # per-gene noise levels: B beats A on some genes and loses on others
     noise = {"A": np.array([0.5, 3.0, 0.1, 2.0, 1.0]), "B": np.array([2.0, 0.2, 1.0, 0.5, 0.1])}
     scale = {"A": 2.5, "B": 1.0}
@@ -42,6 +44,7 @@ def write_sample(root, sample, rng):
             "rates", data=(np.clip(p, 0, None) * scale[model]).astype(np.float16), chunks=(1, len(GENES), TB, TB)
         )
         pg.attrs.update(genes=GENES, sample=sample, model=model, fold=f"test-{sample}")
+        manifest.write(path)
         preds[model] = path
     return root / f"{sample}.zarr", preds
 

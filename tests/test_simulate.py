@@ -159,10 +159,17 @@ def test_truth_store_checks_and_reads_factored(patient, tmp_path):
     broken = tmp_path / "truth.zarr"
     shutil.copytree(patient / "truth.zarr", broken)
     shutil.rmtree(broken / truth_store.LOADINGS)
+    # the manifest sees the lost array first; without it the store's own check still would
+    with pytest.raises(InputError, match=r"truth\.zarr \(array 'loadings'\): .* missing"):
+        truth_store.open_truth(broken)
+    with pytest.raises(InputError, match="array 'loadings'"):
+        truth_store.truth_rate(broken, genes)
+    (broken / "manifest.json").unlink()
+    from sparsitytrap.stores import manifest
+
+    manifest.write(broken)
     with pytest.raises(InputError, match=r"truth\.zarr: truth store has no array 'loadings'"):
         truth_store.open_truth(broken)
-    with pytest.raises(InputError, match="no array 'loadings'"):
-        truth_store.truth_rate(broken, genes)
     with pytest.raises(InputError, match="does not exist"):
         truth_store.open_truth(tmp_path / "missing.zarr")
 

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from .errors import InputError
 from .io import write_csv
+from .stores import manifest
 
 METHODS = ("variance", "hvg", "panel")
 TABLE = "square_002um"
@@ -23,6 +24,7 @@ def read_bin_table(sdata_zarr, table=TABLE):
     """The in-tissue bins of one table of an ingested SpatialData store, as AnnData (CSR)."""
     import spatialdata
 
+    manifest.verify(sdata_zarr)
     sdata = spatialdata.read_zarr(sdata_zarr, selection=("tables",))
     if table not in sdata.tables:
         raise InputError(sdata_zarr, f"no table {table!r} (found {sorted(sdata.tables)})")
@@ -50,6 +52,7 @@ def table_moments(sdata_zarr, table=TABLE, block_rows=ROW_BLOCK):
     if not path.is_dir():
         found = sorted(p.name for p in (Path(sdata_zarr) / "tables").glob("*") if p.is_dir())
         raise InputError(sdata_zarr, f"no table {table!r} (found {found})")
+    manifest.verify(sdata_zarr)
     group = zarr.open_group(path, mode="r")
     keep = np.asarray(ad.io.read_elem(group["obs/in_tissue"])).astype(bool)
     names = list(pd.Index(ad.io.read_elem(group["var"]).index.astype(str)))

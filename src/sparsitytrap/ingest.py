@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from .errors import InputError
 from .io import atomic_path
 from .spaceranger import MATRIX_FILE, POSITION_COLUMNS, POSITIONS_FILE, SCALEFACTORS_FILE, bin_folder
+from .stores import manifest
 
 TILE_UM = 256.0  # the smallest usable image holds one tile
 IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".png", ".jpg", ".jpeg")
@@ -214,4 +215,5 @@ def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins_as_squares=Tr
         )
         with atomic_path(out_zarr) as tmp:
             sdata.write(tmp)
+            manifest.write(tmp)
     return Path(out_zarr)

@@ -19,6 +19,7 @@ from scipy import ndimage
 from .errors import InputError
 from .io import atomic_path
 from .spaceranger import fit_bin_to_pixel
+from .stores import manifest
 from .stores import tiles as tile_store
 
 TABLE = "square_002um"
@@ -89,6 +90,7 @@ def tile_sample(
             counts[t] = nonzeros.tile(tile, len(genes))
             mask[t] = _tile_mask(bins, tissue_bins(tile), r0, c0, tile_bins)
             images[t] = tile_image(image, A, r0, c0, tile_bins, image_px)
+        tile_store.finish(tmp)
     return int(kept.size)
 
 
@@ -112,6 +114,7 @@ def _open_table(sdata_zarr):
     path = Path(sdata_zarr) / "tables" / TABLE
     if not path.is_dir():
         raise InputError(sdata_zarr, f"no table {TABLE!r} (is it a store written by 'ingest'?)")
+    manifest.verify(sdata_zarr)
     return zarr.open_group(path, mode="r")
 
 
@@ -225,6 +228,7 @@ def _full_image(sdata_zarr, dataset_id):
     import spatialdata
     from spatialdata.transformations import Identity, get_transformation
 
+    manifest.verify(sdata_zarr)
     sdata = spatialdata.read_zarr(sdata_zarr, selection=("images",))
     name = f"{dataset_id}_full_image"
     if name not in sdata.images:
@@ -295,4 +299,5 @@ def corrected_tiles(tiles_zarr, corrected_zarr, out_zarr):
         for t in range(raw.n_tiles):
             images[t], mask[t] = raw.images[t], raw.mask[t]
             counts[t] = read_window(corrected, int(origin[t, 0]), int(origin[t, 1]), tb, tb)
+        tile_store.finish(tmp)
     return raw.n_tiles

@@ -9,6 +9,7 @@ import zarr
 
 from ..errors import InputError
 from ..views import DIHEDRAL
+from . import manifest
 
 TOKENS = "tokens"
 
@@ -24,6 +25,7 @@ class FeatureStore:
             raise InputError(path, "not a feature cache (no zarr group)") from None
         if TOKENS not in self.root:
             raise InputError(path, "feature cache has no 'tokens' array")
+        manifest.verify(path)
         self.tokens = self.root[TOKENS]
         if self.tokens.ndim != 5 or self.tokens.shape[1] != len(DIHEDRAL):
             raise InputError(path, f"tokens must be [T, 8, D, h, w], got {list(self.tokens.shape)}")
@@ -63,3 +65,4 @@ def finish(path, encoder_cfg, tokens, sample):
             "sample": sample,
         }
     )
+    manifest.write(path)

@@ -9,6 +9,7 @@ counts) and ``note``.
 import zarr
 
 from ..errors import InputError
+from . import manifest
 
 RATES = "rates"
 
@@ -23,6 +24,7 @@ class PredictionStore:
         except Exception as err:
             raise InputError(path, f"cannot open the predictions store ({type(err).__name__})") from None
         self.attrs = dict(node.attrs)
+        manifest.verify(path)
         if isinstance(node, zarr.Group):
             if RATES not in node:
                 raise InputError(path, f"no array 'rates' (found {sorted(node.array_keys())})")
@@ -52,4 +54,6 @@ def create(path, shape):
 
 
 def finish(path, attrs):
+    """Write the attributes of a filled predictions store, then its manifest."""
     zarr.open_group(str(path), mode="r+").attrs.update(attrs)
+    manifest.write(path)

@@ -20,6 +20,7 @@ Attributes: ``sample``, ``genes``, ``tile_bins``, ``bin_um``, ``image_px``,
 import zarr
 
 from ..errors import InputError
+from . import manifest
 
 IMAGES, COUNTS, MASK, GRID, BIN_ORIGIN, PIXEL_BOX = "images", "counts", "mask", "grid", "bin_origin", "pixel_box"
 ARRAYS = (IMAGES, COUNTS, MASK, GRID, BIN_ORIGIN, PIXEL_BOX)
@@ -36,6 +37,7 @@ class TileStore:
             self.root = zarr.open_group(self.path, mode="r")
         except Exception as err:  # zarr raises several types for a missing or foreign folder
             raise InputError(path, f"cannot open the tile store ({type(err).__name__})") from None
+        manifest.verify(path)
         for name in REQUIRED:
             if name not in self.root:
                 raise InputError(path, f"tile store has no array {name!r}")
@@ -67,6 +69,11 @@ class TileStore:
 def open_tiles(path):
     """Open and check a tile store (:class:`TileStore`)."""
     return TileStore(path)
+
+
+def finish(path):
+    """Record what a filled tile store holds (before it is renamed into place)."""
+    manifest.write(path)
 
 
 def create(path, *, n_tiles, genes, tile_bins, image_px, attrs, grid, bin_origin, pixel_box, counts_dtype="int32"):

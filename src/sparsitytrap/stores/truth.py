@@ -23,6 +23,7 @@ import zarr
 
 from ..errors import InputError
 from ..io import atomic_path
+from . import manifest
 
 PROGRAMMES_UNDIFFUSED = "programmes_undiffused"
 PROGRAMMES_DIFFUSED = "programmes_diffused"
@@ -110,6 +111,7 @@ def write_truth(
         if dense:
             for name, prog in ((RATE_UNDIFFUSED, undiffused), (RATE_DIFFUSED, diffused)):
                 _write_dense(root, name, prog, loadings)
+        manifest.write(tmp)
 
 
 def _write_dense(root, name, programmes, loadings):
@@ -135,6 +137,7 @@ def open_truth(path):
         root = zarr.open_group(path, mode="r")
     except Exception as err:  # zarr raises several types for a folder that is not a zarr group
         raise InputError(path, f"cannot open the truth store ({type(err).__name__})") from None
+    manifest.verify(path)
     attrs = dict(root.attrs)
     for key in ATTRS:
         if key not in attrs:
