@@ -76,7 +76,7 @@ def interval(values, level=0.95):
     values = values[np.isfinite(values)]
     if not len(values):
         return [None, None]
-    tail = (1 - level) / 2
+    tail = round((1 - level) / 2, 12)  # 0.025, not 0.025000000000000022
     return [float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))]
 
 
