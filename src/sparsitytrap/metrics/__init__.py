@@ -1,0 +1,107 @@
+"""Per-gene evaluation metrics, vectorised over batches of tiles and genes and streamed.
+
+Evaluation never holds all predictions of a patient: it feeds batches
+``pred [T, G, H, W]`` (predicted rates, float), ``target [T, G, H, W]`` (counts) and
+``mask [T, H, W]`` (bool, tissue bins) to accumulators, which keep per-gene sums (float64)
+or, for the exact pooled Spearman, the tissue values of each gene (float32).
+
+Definitions (those of the seed benchmark, with the faults of its code fixed):
+
+- PCC "pooled": per gene, Pearson over all tissue bins of all tiles pooled.
+  PCC "pertile": per (tile, gene) Pearson over the tile's tissue bins (NaN when either side is
+  constant there), then the mean over tiles per gene ignoring NaN.
+- Coarser scales: counts and predictions are multiplied by the mask, sum-pooled over k x k
+  bins (count-conserving, so a pooled bin sums only its tissue bins) and the mask is max-pooled.
+- SCC: Spearman, i.e. Pearson of average ranks (ties share the mean rank; zero counts are
+  heavily tied), pooled and per tile.
+- SSIM at 2 um per (tile, gene), the seeds' definition: tiles with tissue fraction > 0.05;
+  prediction and target multiplied by the mask; both min-max scaled with one shared min/max;
+  pairs whose range is < 1e-6 skipped; 7 x 7 uniform window, data range 1, K1 0.01, K2 0.03,
+  sample covariance, mean over the valid region: identical to
+  ``skimage.metrics.structural_similarity(a, b, win_size=7, data_range=1.0)``.
+- ratio: masked mean predicted rate / masked mean target count.
+- deviance: mean Poisson deviance per tissue bin, ``2 (y log(y / mu) - (y - mu))``,
+  with ``y log y = 0`` at ``y = 0`` and ``mu`` clamped at 1e-8.
+- sparsity: fraction of tissue bins with a zero count.
+
+Controls: :func:`shuffle_pairs` (label-shuffle null) and :func:`split_half_thinning`
+(noise ceiling on real counts, corrected by :func:`correct_split_half`).
+
+Modules: :mod:`.correlation` (Pearson, Spearman, ranks), :mod:`.ssim`, :mod:`.stream` (the
+accumulators and :class:`GeneMetrics`), :mod:`.controls`; :data:`METRICS` is the registry.
+"""
+
+from dataclasses import dataclass
+
+from ._tensors import F64
+from .controls import correct_split_half, noise_ceiling, shuffle_pairs, spearman_brown, split_half_thinning
+from .correlation import average_ranks, pearson_from_sums, pearson_per_tile, spearman_per_tile
+from .ssim import SSIM_K1, SSIM_K2, SSIM_MIN_RANGE, SSIM_MIN_TISSUE, SSIM_WIN, ssim_images, ssim_per_tile
+from .stream import (
+    DEVIANCE_EPS,
+    CountAccumulator,
+    GeneMetrics,
+    PearsonAccumulator,
+    SpearmanAccumulator,
+    TileMetricAccumulator,
+    check_batch,
+    evaluate_stream,
+)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What the workflow needs to know of a per-gene score.
+
+    ``relative_ok``: defined for a ranking model's relative scores (correlations are; SSIM on
+    min-max scaled maps, the rate ratio and the deviance need rates on the count scale).
+    ``similarity``: higher is better and 0 is chance, so a fraction of the ceiling means something.
+    """
+
+    relative_ok: bool
+    similarity: bool
+
+
+_CORRELATION = MetricSpec(relative_ok=True, similarity=True)
+#: Every score of an evaluation (columns of ``per_gene.csv``, each with its null and ceiling).
+METRICS = {
+    **{
+        f"{m}_{um}_{p}": _CORRELATION
+        for m, um in [("pcc", "2um"), ("pcc", "4um"), ("pcc", "8um"), ("scc", "2um")]
+        for p in ("pooled", "pertile")
+    },  # fmt: skip
+    "ssim_2um_pertile": MetricSpec(relative_ok=False, similarity=True),
+    "ratio_pooled": MetricSpec(relative_ok=False, similarity=False),
+    "deviance_pooled": MetricSpec(relative_ok=False, similarity=False),
+}
+
+
+__all__ = [
+    "DEVIANCE_EPS",
+    "F64",
+    "METRICS",
+    "SSIM_K1",
+    "SSIM_K2",
+    "SSIM_MIN_RANGE",
+    "SSIM_MIN_TISSUE",
+    "SSIM_WIN",
+    "CountAccumulator",
+    "GeneMetrics",
+    "MetricSpec",
+    "PearsonAccumulator",
+    "SpearmanAccumulator",
+    "TileMetricAccumulator",
+    "average_ranks",
+    "check_batch",
+    "correct_split_half",
+    "evaluate_stream",
+    "noise_ceiling",
+    "pearson_from_sums",
+    "pearson_per_tile",
+    "shuffle_pairs",
+    "spearman_brown",
+    "spearman_per_tile",
+    "split_half_thinning",
+    "ssim_images",
+    "ssim_per_tile",
+]
