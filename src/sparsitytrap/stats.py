@@ -21,6 +21,7 @@ import pandas as pd
 import scipy.stats as ss
 
 from .bootstrap import interval, paired_delta
+from .config import defaults
 from .errors import InputError
 from .io import write_csv
 from .stores import evaluation
@@ -371,7 +372,7 @@ def _fold_cells(f, fold, metric, cells):
 # the workflow's `stats` and `factorial` stages
 
 #: Metrics compared by default: the seeds' headline numbers.
-STATS_METRICS = ("pcc_2um_pooled", "pcc_8um_pooled", "ssim_2um_pertile", "scc_2um_pooled")
+STATS_METRICS = tuple(defaults("stats")["metrics"])  # the schema default of `stats.metrics`
 #: Output files of :func:`run_comparison`, one row block per metric in each.
 STATS_TABLES = {
     "s1": "S1_per_gene.csv",

@@ -30,6 +30,14 @@ CEILING_METRICS = ("pcc_2um_pooled", "pcc_8um_pooled", "scc_2um_pooled", "ssim_2
 COUNT_SCALE = tuple(m for m, spec in METRICS.items() if not spec.relative_ok)
 
 
+def _scores(eval_dirs, metrics, kinds):
+    """Summaries, models in config order, and mean/SD/count over folds of each metric with each suffix."""
+    per_gene, summaries = read_evaluations(eval_dirs)
+    cols = [m + sfx for m in metrics for sfx in kinds.values()]
+    require(per_gene, cols, "per_gene.csv")
+    return summaries, model_order(summaries), fold_means(per_gene, cols)
+
+
 def results_table(eval_dirs, out_prefix, metrics=TABLE_METRICS, formats=FORMATS):
     """Rendered table: per model, mean per-gene score with its null and ceiling, mean ± SD over folds.
 
@@ -48,12 +56,8 @@ def results_table(eval_dirs, out_prefix, metrics=TABLE_METRICS, formats=FORMATS)
     -------
     matplotlib.figure.Figure
     """
-    per_gene, summaries = read_evaluations(eval_dirs)
     kinds = {"model": "", "null": "_null", "ceiling": "_ceiling"}
-    cols = [m + k for m in metrics for k in kinds.values()]
-    require(per_gene, cols, "per_gene.csv")
-    mean, sd, n = fold_means(per_gene, cols)
-    models = model_order(summaries)
+    summaries, models, (mean, sd, n) = _scores(eval_dirs, metrics, kinds)
     relative = {s["model"] for s in summaries if s.get("relative_scores")}
     cells = [
         [
@@ -216,12 +220,8 @@ def noise_ceiling_chart(eval_dirs, out_prefix, metrics=CEILING_METRICS, formats=
     -------
     matplotlib.figure.Figure
     """
-    per_gene, summaries = read_evaluations(eval_dirs)
     kinds = {"null": "_null", "model": "", "ceiling": "_ceiling"}
-    cols = [m + s for m in metrics for s in kinds.values()]
-    require(per_gene, cols, "per_gene.csv")
-    mean, sd, n = fold_means(per_gene, cols)
-    models = model_order(summaries)
+    summaries, models, (mean, sd, n) = _scores(eval_dirs, metrics, kinds)
     colours = dict(zip(kinds, ["0.6", "tab:blue", "tab:green"]))
     fig = Figure(figsize=(max(3.0, 0.9 * len(models) + 1) * len(metrics), 4.2), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
