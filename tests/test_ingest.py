@@ -69,6 +69,42 @@ def corrupt_image(outs):
     (outs / "T1_tissue_image.tif").write_bytes(b"II*\x00" + b"\x07" * 4000)
 
 
+def edit_matrix(edit):
+    def breaker(outs):
+        import h5py
+
+        with h5py.File(outs / SQ2 / "filtered_feature_bc_matrix.h5", "r+") as f:
+            edit(f["matrix"])
+
+    return breaker
+
+
+def negative_count(m):
+    data = m["data"][:]
+    data[len(data) // 2] = -3
+    m["data"][:] = data
+
+
+def empty_matrix(m):
+    for name in ("data", "indices"):
+        dtype = m[name].dtype
+        del m[name]
+        m.create_dataset(name, data=np.zeros(0, dtype))
+    m["indptr"][:] = 0
+
+
+def duplicate_positions(outs):
+    path = outs / SQ2 / "spatial/tissue_positions.parquet"
+    rewrite_parquet(path, lambda t: pa.concat_tables([t, t.filter(pa.compute.greater(t["in_tissue"], 0)).slice(0, 3)]))
+
+
+def truncated_image(outs):
+    """A copy that stopped early: the file's last tenth is missing."""
+    path = outs / "T1_tissue_image.tif"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 9 // 10])
+
+
 BAD = {
     "no feature slice": (drop_feature_slice, "T1_feature_slice.h5", "missing"),
     "tar.gz": (tar_binned_outputs, "binned_outputs.tar.gz", "tar -xzf"),
@@ -89,6 +125,10 @@ BAD = {
     "no tissue": (no_tissue, "tissue_positions.parquet", "no bin is in tissue"),
     "small image": (small_image, "T1_tissue_image.tif", "smaller than one 256 um tile"),
     "corrupt image": (corrupt_image, "T1_tissue_image.tif", "cannot decode"),
+    "truncated image": (truncated_image, "T1_tissue_image.tif", "cannot decode"),
+    "negative counts": (edit_matrix(negative_count), "filtered_feature_bc_matrix.h5", "negative counts"),
+    "empty matrix": (edit_matrix(empty_matrix), "filtered_feature_bc_matrix.h5", "holds no counts"),
+    "duplicated barcodes": (duplicate_positions, "tissue_positions.parquet", "listed more than once"),
 }
 
 
@@ -122,6 +162,18 @@ def test_unprefixed_feature_slice_is_accepted(hd_sample, tmp_path):
     shutil.copytree(hd_sample.outs, outs)
     (outs / "T1_feature_slice.h5").rename(outs / "feature_slice.h5")
     assert validate_spaceranger(outs, "T1") == outs / "T1_tissue_image.tif"
+
+
+def test_the_dataset_id_is_inferred_from_the_single_feature_slice(hd_sample, tmp_path, capsys):
+    from sparsitytrap import cli
+
+    outs = tmp_path / "outs"
+    shutil.copytree(hd_sample.outs, outs)
+    assert validate_spaceranger(outs, None) == outs / "T1_tissue_image.tif"
+    assert cli.main(["validate", str(outs)]) == 0 and "looks like a valid" in capsys.readouterr().out
+    shutil.copy(outs / "T1_feature_slice.h5", outs / "T2_feature_slice.h5")
+    with pytest.raises(InputError, match="several feature slices"):
+        validate_spaceranger(outs, None)
 
 
 def test_good_sample_round_trips(hd_sample, sdata_zarr):

@@ -27,7 +27,7 @@ def _simulate(a):
 def _validate(a):
     from .ingest import validate_spaceranger
 
-    validate_spaceranger(a.spaceranger, a.dataset_id)
+    validate_spaceranger(a.spaceranger, a.dataset_id, fullres_image=a.fullres_image)
     print(f"{a.spaceranger}: looks like a valid Space Ranger Visium HD output")
 
 
@@ -252,7 +252,8 @@ def parser():
 
     s = _command(sub, "validate", help="check a Space Ranger Visium HD folder before ingestion")
     s.add_argument("spaceranger")
-    s.add_argument("--dataset-id", required=True)
+    s.add_argument("--dataset-id", help="prefix of {dataset_id}_feature_slice.h5 (default: inferred from the folder)")
+    s.add_argument("--fullres-image", help="the full-resolution H&E when it is not in the folder")
     s.set_defaults(func=_validate)
 
     s = _command(sub, "ingest", help="read a Space Ranger folder with spatialdata-io into a SpatialData zarr")

@@ -6,6 +6,7 @@ the file and the fault. It reads only what it needs (parquet schema and columns,
 JSON, image headers), so it stays cheap on 10 million bins.
 """
 
+import contextlib
 import json
 import re
 import warnings
@@ -34,7 +35,10 @@ def validate_spaceranger(path, dataset_id, fullres_image=None):
     path
         The ``outs`` folder.
     dataset_id
-        Sample id: the feature slice file is ``{dataset_id}_feature_slice.h5`` (or unprefixed).
+        Sample id: the feature slice file is ``{dataset_id}_feature_slice.h5`` (or unprefixed);
+        None: the prefix of the folder's single ``*_feature_slice.h5``.
+    fullres_image
+        The full-resolution image when it is not in the folder.
 
     Returns
     -------
@@ -49,6 +53,7 @@ def validate_spaceranger(path, dataset_id, fullres_image=None):
     path = Path(path)
     if not path.is_dir():
         raise InputError(path, "not a folder (expected a Space Ranger 'outs' folder)")
+    dataset_id = dataset_id or infer_dataset_id(path)
     _check_feature_slice(path, dataset_id)
     binned = path / "binned_outputs"
     if not binned.is_dir():
@@ -98,15 +103,55 @@ def _check_bins(folder):
     table = pq.read_table(positions, columns=["barcode", "in_tissue"])
     if not pc.any(pc.greater(table["in_tissue"], 0)).as_py():
         raise InputError(positions, "no bin is in tissue (in_tissue is 0 everywhere)")
+    _check_unique(table["barcode"], positions)
     codes = _matrix_barcodes(matrix)
     if len(codes) == 0:
         raise InputError(matrix, "no barcodes (no tissue bins)")
+    _check_unique(codes, matrix)
+    _check_counts(matrix, len(codes))
     missing = pc.invert(pc.is_in(codes, value_set=table["barcode"].combine_chunks()))
     n_missing = pc.sum(missing).as_py()
     if n_missing:
         example = pc.filter(codes, missing)[0].as_py()
         raise InputError(matrix, f"{n_missing} barcodes are not in {positions.name}, e.g. {example!r}")
     return mpp
+
+
+def _check_unique(barcodes, path):
+    """A barcode listed twice would give two rows for one bin (ingest then fails on the table's shape)."""
+    counts = pc.value_counts(barcodes)
+    twice = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(twice):
+        raise InputError(path, f"{len(twice)} barcodes are listed more than once, e.g. {twice[0]['values'].as_py()!r}")
+
+
+def _check_counts(path, n_barcodes, block=1 << 24):
+    """The matrix holds counts: some, none negative, all whole numbers; its shape matches its barcodes.
+
+    Streams ``matrix/data`` in blocks (143 M non-zeros of a full capture area: about 1 s).
+    """
+    with h5py.File(path, "r") as f:
+        shape, data = tuple(int(s) for s in f["matrix/shape"][:]), f["matrix/data"]
+        if shape[1] != n_barcodes:
+            raise InputError(path, f"matrix/shape says {shape[1]} barcodes, matrix/barcodes lists {n_barcodes}")
+        if data.shape[0] == 0:
+            raise InputError(path, "the matrix holds no counts (0 non-zero entries)")
+        whole = data.dtype.kind in "iu"
+        for start in range(0, data.shape[0], block):
+            values = data[start : start + block]
+            if values.min() < 0:
+                raise InputError(path, f"negative counts in matrix/data (minimum {values.min()})")
+            if not whole and not np.array_equal(values, np.round(values)):
+                raise InputError(path, "matrix/data holds non-integer values: not UMI counts")
+
+
+def infer_dataset_id(path):
+    """The prefix of the folder's single ``*_feature_slice.h5`` (None when the file is unprefixed)."""
+    found = sorted(Path(path).glob("*_feature_slice.h5"))
+    if len(found) > 1:
+        names = [p.name for p in found]
+        raise InputError(path, f"several feature slices {names}: give the dataset id (samples.<id>.dataset_id)")
+    return found[0].name.removesuffix("_feature_slice.h5") if found else None
 
 
 def _check_scalefactors(path, bin_um):
@@ -148,18 +193,16 @@ def find_fullres_image(path, dataset_id):
 
 
 def image_shape(path):
-    """(height, width, channels) of an image file, decoding one tile or strip to prove it is readable."""
+    """(height, width, channels) of an image file, decoding enough of it to prove it is readable (`_decode_edges`)."""
     path = Path(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff", ".btf"):
             import tifffile
-            import zarr
 
             with tifffile.TiffFile(path) as tif:
                 shape = tif.series[0].shape
-                array = zarr.open(tif.series[0].aszarr(), mode="r")
-                array = array["0"] if isinstance(array, zarr.Group) else array  # pyramidal TIFF
-                np.asarray(array[:16, :16])  # decodes one tile or strip only
+                for level in tif.series[0].levels:
+                    _decode_edges(level)
         else:
             from PIL import Image
 
@@ -171,6 +214,25 @@ def image_shape(path):
     return tuple(int(s) for s in shape)
 
 
+def _decode_edges(level, whole_px=1 << 26):
+    """Decode a whole small image, else the first and the last row of tiles or strips of one level.
+
+    A truncated file loses its last tiles: the last row is where a copy that stopped early fails,
+    and two rows per level cost a fraction of a second even on a 40,000 px wide image.
+    """
+    import zarr
+
+    array = zarr.open(level.aszarr(), mode="r")
+    height, width = array.shape[:2]
+    if height * width <= whole_px:
+        np.asarray(array[:])
+        return
+    page = level.keyframe
+    rows = int(page.tilelength or page.rowsperstrip or 1)
+    np.asarray(array[:rows])
+    np.asarray(array[max(0, height - rows) :])
+
+
 def _check_image(path, microns_per_pixel):
     shape = image_shape(path)
     if len(shape) != 3 or shape[-1] != 3:
@@ -178,6 +240,17 @@ def _check_image(path, microns_per_pixel):
     min_px = int(np.ceil(TILE_UM / microns_per_pixel))
     if min(shape[:2]) < min_px:
         raise InputError(path, f"image {shape[0]}x{shape[1]} px is smaller than one {TILE_UM:g} um tile ({min_px} px)")
+
+
+@contextlib.contextmanager
+def _image_errors(image):
+    """A decoder failure deep inside the reader (damage `validate` could not see) names the image."""
+    try:
+        yield
+    except Exception as err:
+        if type(err).__module__.split(".")[0] in ("imagecodecs", "tifffile", "PIL"):
+            raise InputError(image, f"cannot decode the image ({type(err).__name__}: {err})") from err
+        raise
 
 
 def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins_as_squares=True):
@@ -206,14 +279,14 @@ def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins_as_squares=Tr
         # Optional CytAssist image absent, and zarr's notice about future sharding defaults: noise.
         warnings.filterwarnings("ignore", message=".*cytassist.*", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
-        sdata = visium_hd(
-            path,
-            dataset_id=dataset_id,
-            load_segmentations_only=False,
-            fullres_image_file=image,
-            bins_as_squares=bins_as_squares,
-        )
-        with atomic_path(out_zarr) as tmp:
+        with atomic_path(out_zarr) as tmp, _image_errors(image):
+            sdata = visium_hd(
+                path,
+                dataset_id=dataset_id,
+                load_segmentations_only=False,
+                fullres_image_file=image,
+                bins_as_squares=bins_as_squares,
+            )
             sdata.write(tmp)
             manifest.write(tmp)
     return Path(out_zarr)
