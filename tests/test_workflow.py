@@ -42,6 +42,9 @@ def test_default_config_plans_every_stage(tmp_path):
     assert plan["select_genes"] == 1
     for rule in ("train", "predict", "evaluate"):
         assert plan[rule] == n_models * n_samples, (rule, plan)  # leave one patient out
+    corrected = any(m.get("counts") == "corrected" for m in cfg["models"].values())
+    for rule in ("correct_diffusion", "corrected_tiles", "validate_diffusion"):
+        assert plan.get(rule, 0) == (n_samples if corrected else 0), (rule, plan)
     assert plan["stats"] == len(cfg["comparisons"]) and plan["factorial"] == 1
     assert {"figure_results_table", "figure_bar_chart", "figure_mosaic", "figure_rescue"} <= set(plan)
 
@@ -107,6 +110,30 @@ def test_tile_threshold_reruns_tiling_and_downstream_only(tiny, tmp_path):
 def test_figure_option_reruns_that_figure_only(tiny, tmp_path):
     plan = _changed(tiny[0], tmp_path, lambda c: c["figures"].update(rescue_top_k=1))
     assert set(plan) == {"figure_rescue", "all"}, plan
+
+
+@pytest.mark.slow
+def test_a_diffusion_setting_reruns_the_correction_and_its_models_only(tiny, tmp_path):
+    root, cfg, _ = tiny
+    plan = _changed(root, tmp_path, lambda c: c["diffusion"].update(rho=2.0))
+    n = len(cfg["samples"])
+    corrected = [m for m, spec in cfg["models"].items() if spec.get("counts") == "corrected"]
+    assert plan["correct_diffusion"] == n and plan["corrected_tiles"] == n and plan["validate_diffusion"] == n
+    assert plan["train"] == len(corrected) * n, plan  # only the models trained on corrected counts
+    assert not (DATA_RULES | {"tile", "features", "ceiling"}) & set(plan), plan
+
+
+@pytest.mark.slow
+def test_the_diffusion_stage_reports_against_truth(tiny):
+    _, cfg, results = tiny
+    for sample in cfg["samples"]:
+        table = pd.read_csv(results / "diffusion" / sample / "validation.csv")
+        assert set(table["method"]) >= {"raw", "rl_estimated", "rl_true", "ot"}
+        assert (results / "diffusion" / sample / "methods.png").stat().st_size > 1000
+    tiles = results / "tiles_corrected" / f"{next(iter(cfg['samples']))}.zarr"
+    from sparsitytrap.stores.tiles import open_tiles
+
+    assert open_tiles(tiles).attrs["counts_kind"] == "corrected"
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ def tile_sample(
         "min_tissue_fraction": float(min_tissue_fraction),
         "bin_to_pixel": A.tolist(),
         "grid_shape": [int(s) for s in grid_shape],
+        "counts_kind": "raw",
     }
     with atomic_path(out_zarr) as tmp:
         images, counts, mask = tile_store.create(

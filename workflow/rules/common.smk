@@ -3,7 +3,9 @@ import re
 
 from sparsitytrap import config as stconfig
 
-for _path in workflow.configfiles:  # YAML keeps the last of a duplicated key: refuse it instead
+for (
+    _path
+) in workflow.configfiles:  # YAML keeps the last of a duplicated key: refuse it instead
     stconfig.read_yaml(_path)
 stconfig.validate(config, source="config")
 # key order never matters to a rerun (params are compared by their representation)

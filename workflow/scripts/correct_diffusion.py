@@ -6,5 +6,7 @@ from sparsitytrap.tile import read_gene_list
 with job(snakemake):
     p = snakemake.params
     genes = read_gene_list(snakemake.input.genes)
-    report = correct_sample(snakemake.input.sdata, genes, snakemake.output.store, dataset_id=p.dataset_id, settings=p.settings)
+    report = correct_sample(
+        snakemake.input.sdata, genes, snakemake.output.store, dataset_id=p.dataset_id, settings=p.settings
+    )
     write_json(report, snakemake.output.report)

@@ -28,6 +28,14 @@ Method, per gene g (observed counts x on the 2 um grid):
    tissue edge (`estimate.py`); it sets the initial s (kernel sd = length at eps = 1), the
    kernel support and the halo.
 
+What it does in practice (bench/DIFFUSION_RESULTS.md): at Visium HD depth (~0.1 count per bin
+and gene) the plan mostly reassigns counts to nearby bins, a Poisson denoiser; the seed's
+objective pulls that way (Moran's I rewards smooth fields, so fitting widens the kernel). It beats
+raw counts and Richardson-Lucy against the undiffused truth on the simulated patients, and ties
+a plain Gaussian blur of the counts at 8 um. A blurred point source is sharpened only when the
+threshold quantile sits on its peak (`quantile_init` ~0.99, `source_floor` 0); with the
+Moran's-I initialisation it is smoothed.
+
 Choices. Plain torch rather than POT/geomloss/kornia: POT's solvers and the seed's code take a
 dense N x N cost (10^13 entries for one sample); geomloss's grid solvers are balanced and
 multiscale, not the one-sided unbalanced problem, and a CUDA/KeOps stack is not needed here;

@@ -61,7 +61,7 @@ def fit_positions(tissue, size, n, seed):
         ok = np.array([int(np.argmax(frac))])
     # Half the windows on the tissue edge (where the out-of-tissue term and lam are informative),
     # half anywhere else with tissue.
-    edge, other = ok[frac[ok] < EDGE_TISSUE], ok[frac[ok] >= EDGE_TISSUE]
+    edge = ok[frac[ok] < EDGE_TISSUE]
     rng = np.random.default_rng(seed)
     n_edge = min(edge.size, -(-n // 2))
     pick = rng.choice(edge, size=n_edge, replace=False) if n_edge else np.zeros(0, int)
@@ -120,12 +120,15 @@ def apply_windows(model, inp, active, settings, length_um, emit):
     return removed
 
 
-def correct_input(inp, settings, emit):
-    """Fit and apply the correction to a GridInput; returns the report (see `correct_sample`)."""
+def correct_input(inp, settings, emit, length=None):
+    """Fit and apply the correction to a GridInput; returns the report (see `correct_sample`).
+
+    `length`: (um, info) from `diffusion_length` when already known.
+    """
     t0 = time.perf_counter()
     settings = check_settings(settings)
     torch.manual_seed(settings["seed"])
-    length_um, length_info = diffusion_length(inp, settings)
+    length_um, length_info = length or diffusion_length(inp, settings)
     observed = inp.stats.total
     active = np.flatnonzero(observed > 0)
     empty = [inp.genes[g] for g in np.flatnonzero(observed <= 0)]
@@ -140,14 +143,19 @@ def correct_input(inp, settings, emit):
             emit(r0, c0, field)
 
         removed = apply_windows(model, inp, active, settings, length_um, collect)
-    return _report(inp, settings, model, active, empty, history, length_um, length_info, observed, corrected, removed, t0)
+    return _report(
+        inp, settings, model, active, empty, history, length_um, length_info, observed, corrected, removed, t0
+    )
 
 
 def _fit(inp, active, length_um, settings):
     radius = max(1, math.ceil(settings["truncate"] * length_um / inp.bin_um))
     windows = fit_windows(inp, active, radius, settings)
     stats = inp.stats.subset(active)
-    q_init, _ = initial_quantiles(windows, stats, settings["beta"], settings["quantile_bandwidth"])
+    if settings["quantile_init"] == "moran":
+        q_init, _ = initial_quantiles(windows, stats, settings["beta"], settings["quantile_bandwidth"])
+    else:
+        q_init = np.full(len(active), float(settings["quantile_init"]))
     model = DiffusionModel(stats, q_init, length_um, settings, n_tissue_bins=int((inp.tissue & inp.observed).sum()))
     return model, fit(model, windows, settings)
 
@@ -230,7 +238,7 @@ def correct_sample(sdata_zarr, genes, out_zarr, *, dataset_id=None, settings=Non
     inp, bins, sample = sample_input(
         sdata_zarr, genes, dataset_id=dataset_id, window_bins=settings["window_bins"], channel=settings["image_channel"]
     )
-    diffusion_length(inp, settings)  # fail before the store is created
+    length = diffusion_length(inp, settings)  # fails before the store is created
     order = row_major(bins["array_row"], bins["array_col"], inp.shape[1])
     rows, cols = bins["array_row"][order], bins["array_col"][order]
     sink = _BandSink(rows, cols, inp.shape, settings["window_bins"], len(inp.genes))
@@ -245,7 +253,7 @@ def correct_sample(sdata_zarr, genes, out_zarr, *, dataset_id=None, settings=Non
         obs_index=order,
     ) as writer:
         sink.writer = writer
-        report = correct_input(inp, settings, sink.emit)
+        report = correct_input(inp, settings, sink.emit, length)
         sink.flush()
         report["seconds"] = round(time.perf_counter() - t0, 3)
         writer.finish({k: report[k] for k in _STORE_KEYS})
@@ -288,4 +296,3 @@ class _BandSink:
         nz = values != 0
         self.writer.append(nz.sum(axis=1), np.nonzero(nz)[1], values[nz])
         self.band = None
-

@@ -8,8 +8,8 @@ a time (`sparsitytrap.tile.tile_image`, one output pixel per bin).
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

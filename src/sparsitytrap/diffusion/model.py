@@ -10,6 +10,9 @@ Parameters (all learnable, optimised end to end through the unrolled Sinkhorn it
 - `q_g` (per gene): quantile of the source threshold, initialised at the cutoff that maximises
   Moran's I of the thresholded counts.
 
+Fixed: beta (50), rho, the smooth-quantile bandwidth tau, and the background prior floor_g
+(`source_floor` x the gene's mean count per tissue bin, added to the sources on every bin).
+
 The quantile is differentiable (seed fault 2): a plain quantile of sparse counts sits on tied
 integers and has zero gradient. Here Q_g(q) inverts the gene's smoothed CDF,
 F(t) = mean_bins sigmoid((t - x) / tau), computed exactly from the histogram of the gene's

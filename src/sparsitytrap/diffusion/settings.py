@@ -14,7 +14,8 @@ DEFAULTS = {
     "sinkhorn_iterations": 20,  # L1 change of p from 20 to 200 iterations: < 1e-4 relative for eps >= 0.3
     "rho": 1.0,  # KL strength pulling the plan's target marginal towards the soft-thresholded sources
     "beta": 50.0,  # sigmoid sharpness of the soft threshold (seed 003)
-    "source_floor": 1.0,  # background prior of every bin's source mass, in units of the gene's mean count per tissue bin
+    "source_floor": 1.0,  # background prior of each bin's source mass, x the gene's mean count per tissue bin
+    "quantile_init": "moran",  # "moran": per gene, the cutoff maximising Moran's I (seed 003); or one q in (0, 1)
     "quantile_bandwidth": 0.5,  # smooth-CDF bandwidth of the differentiable quantile, in counts
     "tissue_cost": 1.0,  # initial lam: cost of moving mass onto a bin outside the tissue
     "eps": 1.0,  # initial per-gene entropic regularisation
@@ -22,8 +23,8 @@ DEFAULTS = {
     "image_channel": "haematoxylin",  # H&E channel the expression is aligned with: haematoxylin or darkness
     "fit_windows": 4,  # windows the learnable parameters are fitted on
     "fit_window_bins": 40,
-    "fit_steps": 20,
-    "learning_rate": 0.05,
+    "fit_steps": 10,
+    "learning_rate": 0.1,
     "rl_iterations": 20,  # Richardson-Lucy baseline (validation only)
     "seed": 0,
     "threads": 1,  # torch CPU threads
@@ -88,9 +89,16 @@ def check_settings(settings=None, where="diffusion"):
             raise InputError(f"{where}.{key}", f"must be a number >= 0, got {out[key]!r}")
     length = out["diffusion_length_um"]
     if length is not None and (not _number(length) or not length > 0):
-        raise InputError(f"{where}.diffusion_length_um", f"must be null (estimate) or a positive number, got {length!r}")
+        raise InputError(
+            f"{where}.diffusion_length_um", f"must be null (estimate) or a positive number, got {length!r}"
+        )
+    qi = out["quantile_init"]
+    if qi != "moran" and (not _number(qi) or not 0 < qi < 1):
+        raise InputError(f"{where}.quantile_init", f"must be 'moran' or a number in (0, 1), got {qi!r}")
     if out["image_channel"] not in CHANNELS:
-        raise InputError(f"{where}.image_channel", f"must be one of {', '.join(CHANNELS)}, got {out['image_channel']!r}")
+        raise InputError(
+            f"{where}.image_channel", f"must be one of {', '.join(CHANNELS)}, got {out['image_channel']!r}"
+        )
     if out["halo"] < out["truncate"]:
         raise InputError(f"{where}.halo", f"must be at least truncate ({out['truncate']}), got {out['halo']!r}")
     return out

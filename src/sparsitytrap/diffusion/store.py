@@ -10,6 +10,7 @@ to its row in the raw table. Columns are the corrected genes. Values are float32
 - `row_ptr` int64 [n_rows + 1]: rows of grid row r are `row_ptr[r]:row_ptr[r + 1]`, so a window
   of bins is one contiguous slice of the CSR.
 
+A `manifest.json` (`sparsitytrap.stores.manifest`) records every chunk; opening verifies it.
 Attributes: `format`, `version`, `sample`, `genes`, `grid_shape`, `settings`, and the report:
 `observed_mass`, `corrected_mass`, `removed_mass` (per gene: the mass the plan put outside the
 tissue, which the corrected table does not keep), `diffusion_length_um`, `diffusion_length`
@@ -23,6 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import atomic_path
+from ..stores import manifest
 
 FORMAT = "sparsitytrap.corrected_counts"
 VERSION = 1
@@ -30,7 +32,13 @@ INDPTR, INDICES, DATA = "indptr", "indices", "data"
 ARRAY_ROW, ARRAY_COL, IN_TISSUE, OBS_INDEX, ROW_PTR = "array_row", "array_col", "in_tissue", "obs_index", "row_ptr"
 BIN_ARRAYS = (ARRAY_ROW, ARRAY_COL, IN_TISSUE, OBS_INDEX)
 ARRAYS = (INDPTR, INDICES, DATA, ROW_PTR) + BIN_ARRAYS
-ATTR_FORMAT, ATTR_VERSION, ATTR_SAMPLE, ATTR_GENES, ATTR_GRID_SHAPE = "format", "version", "sample", "genes", "grid_shape"
+ATTR_FORMAT, ATTR_VERSION, ATTR_SAMPLE, ATTR_GENES, ATTR_GRID_SHAPE = (
+    "format",
+    "version",
+    "sample",
+    "genes",
+    "grid_shape",
+)
 REPORT_ATTRS = (
     "settings",
     "observed_mass",
@@ -105,6 +113,7 @@ def create_corrected(path, *, sample, genes, grid_shape, array_row, array_col, i
         root.create_array(ROW_PTR, data=row_ptr)
         writer = Writer(root, array_row.size)
         yield writer
+        manifest.write(tmp)  # only once everything is written (an error above leaves no store)
 
 
 def _jsonable(obj):
@@ -163,6 +172,7 @@ def open_corrected(path):
 
     if not Path(path).is_dir():
         raise InputError(path, "corrected store does not exist")
+    manifest.verify(path)
     root = zarr.open_group(path, mode="r")
     attrs = dict(root.attrs)
     if attrs.get(ATTR_FORMAT) != FORMAT or attrs.get(ATTR_VERSION) != VERSION:

@@ -13,6 +13,7 @@ store). One gene's grids at a time: memory is a few grids, whatever the number o
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import signal, stats
 
 from ..errors import InputError
@@ -90,13 +91,17 @@ class _Context:
             for k, gene in enumerate(batch):
                 g = self.inp.genes.index(gene)
                 raw = self._pad(self.inp.window(0, 0, *self.inp.shape, genes=[g])[0])
-                yield gene, truth[k], {
-                    "raw": raw,
-                    "raw_blurred": signal.fftconvolve(raw, self.estimated_kernel, mode="same").astype(np.float32),
-                    "rl_estimated": richardson_lucy(raw, self.estimated_kernel, n_iter),
-                    "rl_true": richardson_lucy(raw, self.kernel, n_iter),
-                    "ot": self._pad(ot[k]),
-                }
+                yield (
+                    gene,
+                    truth[k],
+                    {
+                        "raw": raw,
+                        "raw_blurred": signal.fftconvolve(raw, self.estimated_kernel, mode="same").astype(np.float32),
+                        "rl_estimated": richardson_lucy(raw, self.estimated_kernel, n_iter),
+                        "rl_true": richardson_lucy(raw, self.kernel, n_iter),
+                        "ot": self._pad(ot[k]),
+                    },
+                )
 
 
 def validate_against_truth(sdata_zarr, corrected_zarr, truth_zarr, genes, *, dataset_id=None, settings=None):
@@ -133,8 +138,6 @@ def validate_against_truth(sdata_zarr, corrected_zarr, truth_zarr, genes, *, dat
             total = float(field.sum(dtype=np.float64))
             outside = float(field[~ctx.tissue].sum(dtype=np.float64))
             removed = float(ctx.removed[gene]) if method == "ot" else 0.0
-            import torch
-
             moran = float(morans_i(torch.from_numpy(field[None].astype(np.float64)), torch.from_numpy(ctx.tissue))[0])
             rows.append(
                 {
@@ -215,7 +218,12 @@ def figure_methods(
     ctx = _Context(sdata_zarr, corrected_zarr, truth_zarr, genes, dataset_id, settings)
     (r0, c0), n = _focus(ctx.tissue, window_bins)
     sl = (slice(r0, r0 + n), slice(c0, c0 + n))
-    columns = (("raw", "observed"), ("rl_estimated", "RL (estimated kernel)"), ("ot", "OT"), ("truth", "undiffused truth"))
+    columns = (
+        ("raw", "observed"),
+        ("rl_estimated", "RL (estimated kernel)"),
+        ("ot", "OT"),
+        ("truth", "undiffused truth"),
+    )
     fig = Figure(figsize=(2.4 * len(columns), 2.3 * len(ctx.genes) + 0.4), layout="constrained")
     axes = fig.subplots(len(ctx.genes), len(columns), squeeze=False)
     cmap = mpl.colormaps["magma"].with_extremes(bad="lightgrey")
