@@ -21,7 +21,7 @@ from .estimate import estimate_diffusion_length
 from .inputs import arrays_input, crop, sample_input
 from .model import DiffusionModel, Window, fit, initial_quantiles
 from .settings import check_settings
-from .store import create_corrected, row_major
+from .store import REPORT_ATTRS, create_corrected, row_major
 
 MIN_FIT_TISSUE = 0.25  # fitting windows hold at least this fraction of tissue bins
 EDGE_TISSUE = 0.9  # ... and below this fraction they count as edge windows
@@ -256,20 +256,8 @@ def correct_sample(sdata_zarr, genes, out_zarr, *, dataset_id=None, settings=Non
         report = correct_input(inp, settings, sink.emit, length)
         sink.flush()
         report["seconds"] = round(time.perf_counter() - t0, 3)
-        writer.finish({k: report[k] for k in _STORE_KEYS})
+        writer.finish({k: report[k] for k in REPORT_ATTRS})
     return report
-
-
-_STORE_KEYS = (
-    "settings",
-    "observed_mass",
-    "corrected_mass",
-    "removed_mass",
-    "diffusion_length_um",
-    "diffusion_length",
-    "fitted",
-    "empty_genes",
-)
 
 
 class _BandSink:
