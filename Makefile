@@ -15,8 +15,9 @@ $(BIN)/sparsitytrap: pyproject.toml
 
 install: $(BIN)/sparsitytrap
 
+# sparsitytrap.resume: snakemake, after clearing the stale lock of a killed run (README, When something fails)
 demo: install
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/python -m sparsitytrap.resume --cores $(CORES)
 	$(BIN)/snakemake --report report.html
 
 test: install

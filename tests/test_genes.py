@@ -67,3 +67,10 @@ def test_bad_choices_fail_with_one_line_and_no_output(sdata_zarr, tmp_path, kwar
         select_genes([sdata_zarr], tmp_path / "g.csv", **kwargs)
     assert where in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "g.csv").exists()
+
+
+def test_a_mosaic_gene_the_selection_did_not_keep_is_refused_before_any_output(hd_sample, sdata_zarr, tmp_path):
+    out = tmp_path / "genes.csv"
+    with pytest.raises(InputError, match=r"figures.mosaic_genes: 'NOPE' not among the 3 genes"):
+        select_genes([sdata_zarr], out, n_genes=3, required=["NOPE"])
+    assert not out.exists()

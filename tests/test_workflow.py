@@ -187,3 +187,63 @@ def test_a_misspelt_loss_or_decoder_setting_is_refused_at_plan_time(tmp_path):
         result = subprocess.run([str(SNAKEMAKE), "-n", "--cores", "1"], cwd=root, capture_output=True, text=True)
         assert result.returncode != 0 and key in result.stdout + result.stderr
         assert "unknown setting" in result.stdout + result.stderr
+
+
+def _temporaries(results):
+    return [p for p in results.rglob(".*.tmp-*")]
+
+
+@pytest.mark.slow
+def test_kill_9_recovers_with_the_one_documented_command(tiny, tmp_path):
+    """kill -9 of Snakemake and its jobs mid-write; `python -m sparsitytrap.resume` finishes the run
+    with the same metrics as an uninterrupted one and removes the killed job's temporary output."""
+    import os
+    import signal
+    import time
+
+    ref_root, cfg, ref_results = tiny
+    root = copy_workflow(tmp_path, config="tests/configs/tiny.yaml")
+    results = root / cfg["results"]
+    resume = [sys.executable, "-m", "sparsitytrap.resume", "--cores", "2"]
+    run = subprocess.Popen(resume, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (results / "sdata").is_dir() or not _temporaries(results / "sdata"):  # an ingest job writing
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert list((root / ".snakemake" / "locks").glob("*.lock")), "kill -9 should leave Snakemake's lock"
+    killed = _temporaries(results)
+    assert killed
+    out = subprocess.run(resume, cwd=root, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "removed the stale lock" in out.stderr
+    assert not _temporaries(results), _temporaries(results)
+    for model in cfg["models"]:
+        for sample in cfg["samples"]:
+            part = Path("eval") / model / f"test-{sample}" / "per_gene.csv"
+            pd.testing.assert_frame_equal(pd.read_csv(results / part), pd.read_csv(ref_results / part))
+
+
+def test_resume_refuses_to_break_into_a_live_run(tmp_path):
+    """The lock of a running Snakemake is never removed; once it has stopped, the stale lock is."""
+    import time
+
+    from sparsitytrap.resume import clear_stale_lock, live_snakemake
+
+    locks = tmp_path / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.input.lock").write_text("x")
+    live = subprocess.Popen(["bash", "-c", "exec -a snakemake sleep 60"], cwd=tmp_path)
+    try:
+        for _ in range(50):  # until the exec has renamed the process
+            if live_snakemake(tmp_path.resolve()):
+                break
+            time.sleep(0.1)
+        with pytest.raises(RuntimeError, match="Snakemake is running there"):
+            clear_stale_lock(tmp_path.resolve())
+    finally:
+        live.kill()
+        live.wait()
+    assert clear_stale_lock(tmp_path.resolve())
+    assert not list(locks.iterdir())

@@ -117,12 +117,30 @@ def _hvg_order(adatas, n_genes):
     return list(var.index[var["highly_variable"]])[:n_genes]
 
 
-def select_genes(sdata_zarrs, out_csv, *, method="variance", n_genes=50, categories=None, panel=None):
+def check_required(selected, required, key="figures.mosaic_genes", source="the selected genes"):
+    """Refuse genes that a later stage needs (the mosaic figure) but the selection did not keep.
+
+    Called when the gene list is made and at plan time once it exists, so that the fault stops the
+    run before training instead of in the figure job at its end.
+    """
+    missing = [g for g in required if g not in set(selected)]
+    if missing:
+        raise InputError(
+            f"config {key}",
+            f"{', '.join(map(repr, missing))} not among the {len(selected)} genes of {source}; "
+            "choose genes from that list (or name them in a genes.panel)",
+        )
+
+
+def select_genes(
+    sdata_zarrs, out_csv, *, method="variance", n_genes=50, categories=None, panel=None, required=()
+):
     """Choose genes and write `out_csv` (gene, rank, mean, variance, zero_fraction, category).
 
     method: ``variance`` ranks genes by the variance of raw counts over in-tissue bins (the
     seeds' choice, dominated by highly expressed genes); ``hvg`` uses scanpy's seurat_v3
     highly-variable genes on raw counts; ``panel`` keeps the genes of a user file, in its order.
+    required: genes later stages need (``figures.mosaic_genes``); missing ones are refused.
     """
     if method not in METHODS:
         raise InputError("config genes.method", f"unknown method {method!r}; use one of {METHODS}")
@@ -152,6 +170,7 @@ def select_genes(sdata_zarrs, out_csv, *, method="variance", n_genes=50, categor
     if len(chosen) < n_genes and method != "panel":
         raise InputError("config genes.n_genes", f"asks for {n_genes} genes but only {len(chosen)} are available")
 
+    check_required(chosen, required, source=f"this {method} selection")
     cats = read_categories(categories) if categories else {}
     table = stats.set_index("gene").loc[chosen].reset_index()
     table.insert(1, "rank", np.arange(1, len(table) + 1))

@@ -5,6 +5,7 @@ would take it for a finished output.
 """
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -18,6 +19,16 @@ def _remove(path):
         path.unlink()
 
 
+def _remove_stale(path):
+    """Remove temporaries of `path` left by a killed writer (``kill -9`` skips the cleanup below).
+
+    Snakemake never runs two jobs with the same output at once, so any sibling temporary belongs
+    to an earlier attempt that is dead.
+    """
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        _remove(stale)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success move it to `path`, else delete it.
@@ -26,8 +37,8 @@ def atomic_path(path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
     try:
         yield tmp
     except BaseException:

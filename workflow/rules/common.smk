@@ -1,5 +1,8 @@
 # Helpers shared by the rules: config validation, sample paths, folds, resources.
+import os
 import re
+
+import pandas as pd
 
 from sparsitytrap import config as stconfig
 
@@ -7,6 +10,8 @@ for (
     _path
 ) in workflow.configfiles:  # YAML keeps the last of a duplicated key: refuse it instead
     stconfig.read_yaml(_path)
+# nested `--config` values arrive as strings (Snakemake reads them with YAML's BaseLoader)
+stconfig.retype_cli_config(config, workflow.config_settings.config)
 stconfig.validate(config, source="config")
 # key order never matters to a rerun (params are compared by their representation)
 canonical = stconfig.canonical(config)
@@ -117,6 +122,14 @@ FIG = f"{R}/figures"
 FORMATS = config["figures"]["format"]
 COMPARISONS = {c["name"]: c for c in config.get("comparisons", [])}
 MOSAIC_GENES = config["figures"].get("mosaic_genes", [])
+if MOSAIC_GENES and os.path.exists(f"{R}/genes/genes.csv"):  # plan time, once genes are chosen
+    from sparsitytrap.genes import check_required
+
+    check_required(
+        pd.read_csv(f"{R}/genes/genes.csv")["gene"].tolist(),
+        MOSAIC_GENES,
+        source=f"{R}/genes/genes.csv",
+    )
 MULTISCALE = config["figures"].get("multiscale_model")
 DRAWN_FOLDS = (
     FOLDS if config["figures"]["folds"] == "all" else config["figures"]["folds"]
