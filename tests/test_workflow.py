@@ -150,10 +150,23 @@ def test_bad_config_fails_with_one_line(tmp_path):
     root = copy_workflow(tmp_path, config="tests/configs/tiny.yaml")
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     cfg["tiles"]["min_tissue_fraction"] = "half"
-    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    (root / "config.yaml").write_text(text)
+    line = text.splitlines().index("  min_tissue_fraction: half") + 1
     result = subprocess.run([str(SNAKEMAKE), "-n", "--cores", "1"], cwd=root, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "tiles.min_tissue_fraction" in result.stdout + result.stderr
+    assert f"config.yaml:{line}: tiles.min_tissue_fraction: 'half' is not of type" in result.stdout + result.stderr
+    (root / "other.yaml").write_text(text)  # --configfile replaces config.yaml: the refusal names it
+    result = subprocess.run(
+        [str(SNAKEMAKE), "-n", "--cores", "1", "--configfile", "other.yaml"], cwd=root, capture_output=True, text=True
+    )
+    assert f"other.yaml:{line}: tiles.min_tissue_fraction" in result.stdout + result.stderr
+    cfg["tiles"]["min_tissue_fraction"] = 0.3
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run(
+        [str(SNAKEMAKE), "-n", "--cores", "1", "--config", "encoder=nope"], cwd=root, capture_output=True, text=True
+    )
+    assert "--config: encoder: 'nope' is not one of encoders" in result.stdout + result.stderr
 
 
 def test_workflow_passes_lint_and_snakefmt():
@@ -205,7 +218,9 @@ def test_kill_9_recovers_with_the_one_documented_command(tiny, tmp_path):
     root = copy_workflow(tmp_path, config="tests/configs/tiny.yaml")
     results = root / cfg["results"]
     resume = [sys.executable, "-m", "sparsitytrap.resume", "--cores", "2"]
-    run = subprocess.Popen(resume, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = subprocess.Popen(
+        resume, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 600
     while not (results / "sdata").is_dir() or not _temporaries(results / "sdata"):  # an ingest job writing
         assert run.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -247,3 +262,14 @@ def test_resume_refuses_to_break_into_a_live_run(tmp_path):
         live.wait()
     assert clear_stale_lock(tmp_path.resolve())
     assert not list(locks.iterdir())
+
+
+@pytest.mark.slow
+def test_an_unselected_mosaic_gene_is_refused_at_plan_time(tiny):
+    root, cfg, _ = tiny
+    other = {**cfg, "figures": {**cfg["figures"], "mosaic_genes": ["NOT_SELECTED"]}}
+    (root / "mosaic.yaml").write_text(yaml.safe_dump(other))
+    cmd = [str(SNAKEMAKE), "-n", "--cores", "1", "--configfile", "mosaic.yaml"]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "figures.mosaic_genes: 'NOT_SELECTED' not among the 10 genes of" in result.stdout + result.stderr

@@ -40,8 +40,61 @@ def _fill_defaults(schema, value):
             _fill_defaults(sub, value[name])
 
 
-def validate(config, source="config.yaml", schema_path=SCHEMA):
-    """Validate against the schema (filling defaults), then check cross-references and paths."""
+def validate(config, source="config.yaml", schema_path=SCHEMA, files=(), cli=None):
+    """Validate against the schema (filling defaults), then check cross-references and paths.
+
+    files: the YAML files the config was read from (Snakemake's configfiles); a refusal then
+    names the file and line of the offending key instead of `source`, or ``--config`` when the
+    key is among the command line's overrides `cli` (Snakemake's ``--config`` mapping).
+    """
+    try:
+        return _validate(config, source, schema_path)
+    except InputError as err:
+        if not files or not err.where.startswith(f"{source}: "):
+            raise
+        key = err.where[len(source) + 2 :].removeprefix("config ")
+        raise InputError(f"{locate(files, key, cli)}: {key}", err.fault) from None
+
+
+def locate(files, key, cli=None):
+    """``--config`` if the command line set the dotted `key` (or a parent), else ``file:line`` of
+    the key (or of its deepest parent) in the last file that sets it, else the last file."""
+    files, node = [str(f) for f in files], cli or {}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            break
+        if not isinstance(node[part], dict):
+            return "--config"
+        node = node[part]
+    for path in reversed(files):
+        line = key_line(path, key.split("."))
+        if line:
+            return f"{path}:{line}"
+    return files[-1]
+
+
+def key_line(path, keys):
+    """1-based line of the deepest of `keys` (a key path) found in YAML file `path`; None if none is."""
+    try:
+        node = yaml.compose(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    line = None
+    for key in keys:
+        if isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+            node = node.value[int(key)]
+            line = node.start_mark.line + 1
+        elif isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == key]
+            if not match:
+                break
+            line, node = match[0][0].start_mark.line + 1, match[0][1]
+        else:
+            break
+    return line
+
+
+def _validate(config, source, schema_path):
     schema = yaml.safe_load(Path(schema_path).read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -50,6 +103,67 @@ def validate(config, source="config.yaml", schema_path=SCHEMA):
     _fill_defaults(schema, config)
     _check_references(config, source)
     return config
+
+
+def retype_cli_config(config, cli_config, schema_path=SCHEMA):
+    """Type the nested `--config` values as YAML would, in `config` (which Snakemake already merged them into).
+
+    Snakemake reads `--config training='{epochs: 2}'` with YAML's BaseLoader, so every nested scalar
+    arrives as a string ('2'). Each such string is read again with `yaml.safe_load` unless the schema
+    allows a string there; the merge into the config file's section is Snakemake's own (recursive).
+    """
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    for key, value in cli_config.items():
+        if isinstance(value, dict | list) and key in config:
+            config[key] = _retyped(config[key], value, _child(schema, key, schema), schema)
+    return config
+
+
+def _retyped(current, given, node, schema):
+    """`current` with the strings that came from `given` (the --config mapping or list) parsed by YAML."""
+    if isinstance(given, dict) and isinstance(current, dict):
+        for k, v in given.items():
+            if k in current:
+                current[k] = _retyped(current[k], v, _child(node, k, schema), schema)
+        return current
+    if isinstance(given, list) and isinstance(current, list) and len(given) == len(current):
+        item = _resolve(node, schema).get("items", {})
+        return [_retyped(c, g, item, schema) for c, g in zip(current, given, strict=True)]
+    if isinstance(current, str) and current == given and not _allows_string(node, schema):
+        return yaml.safe_load(current)
+    return current
+
+
+def _resolve(node, schema):
+    ref = node.get("$ref", "") if isinstance(node, dict) else ""
+    if ref.startswith("#/"):
+        for part in ref[2:].split("/"):
+            schema = schema[part]
+        return schema
+    return node if isinstance(node, dict) else {}
+
+
+def _alternatives(node, schema):
+    node = _resolve(node, schema)
+    return [node] + [_resolve(n, schema) for n in node.get("oneOf", []) + node.get("anyOf", [])]
+
+
+def _child(node, key, schema):
+    """The schema of `node`'s property `key` ({} when the schema does not say)."""
+    for alt in _alternatives(node, schema):
+        if key in alt.get("properties", {}):
+            return alt["properties"][key]
+        if isinstance(alt.get("additionalProperties"), dict):
+            return alt["additionalProperties"]
+    return {}
+
+
+def _allows_string(node, schema):
+    for alt in _alternatives(node, schema):
+        types = alt.get("type", [])
+        if "string" in ([types] if isinstance(types, str) else types):
+            return True
+    return False
 
 
 def _check_references(config, source):
@@ -113,6 +227,20 @@ def _check_models(config, source):
         check_decoder(model["decoder"], {}, f"{where}.decoder")
         check_decoder(model["decoder"], model.get("decoder_kwargs", {}), f"{where}.decoder_kwargs")
         build_loss(model["loss"], n_genes=config["genes"]["n_genes"], where=f"{where}.loss")
+        _check_train_um(config, name, source)
+
+
+def _check_train_um(config, name, source):
+    """train_um pools train_um / 2 bins of 2 um per side: that must divide the tile side (multiscale pools itself)."""
+    model = config["models"][name]
+    own = "train_um" in model.get("training", {})
+    key = f"{source}: models.{name}.training.train_um" if own else f"{source}: training.train_um"
+    um = model_config(config, name)["training"].get("train_um", 2)
+    side = config.get("tiles", {}).get("tile_bins", 128)
+    if side % (um // 2):
+        raise InputError(key, f"{um} um bins ({um // 2} x {um // 2} bins of 2 um) do not tile tiles.tile_bins {side}")
+    if um != 2 and model["loss"]["name"] == "multiscale":
+        raise InputError(key, f"{um}, but a multiscale loss sets its own bin sizes (loss.scales): leave it at 2")
 
 
 def diffusion_settings(config, source="config"):

@@ -132,9 +132,7 @@ def check_required(selected, required, key="figures.mosaic_genes", source="the s
         )
 
 
-def select_genes(
-    sdata_zarrs, out_csv, *, method="variance", n_genes=50, categories=None, panel=None, required=()
-):
+def select_genes(sdata_zarrs, out_csv, *, method="variance", n_genes=50, categories=None, panel=None, required=()):
     """Choose genes and write `out_csv` (gene, rank, mean, variance, zero_fraction, category).
 
     method: ``variance`` ranks genes by the variance of raw counts over in-tissue bins (the

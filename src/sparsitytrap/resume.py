@@ -50,7 +50,9 @@ def clear_stale_lock(workdir):
         return False
     live = live_snakemake(workdir)
     if live:
-        raise RuntimeError(f"{workdir}: Snakemake is running there (pid {', '.join(map(str, live))}); wait for it or stop it")
+        raise RuntimeError(
+            f"{workdir}: Snakemake is running there (pid {', '.join(map(str, live))}); wait for it or stop it"
+        )
     for lock in locks:
         lock.unlink(missing_ok=True)
     return True

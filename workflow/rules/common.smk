@@ -12,7 +12,13 @@ for (
     stconfig.read_yaml(_path)
 # nested `--config` values arrive as strings (Snakemake reads them with YAML's BaseLoader)
 stconfig.retype_cli_config(config, workflow.config_settings.config)
-stconfig.validate(config, source="config")
+stconfig.validate(
+    config,
+    source="config",
+    # `--configfile` replaces config.yaml (Snakefile); `--config` values are named as such
+    files=workflow.overwrite_configfiles or workflow.configfiles,
+    cli=workflow.config_settings.config,
+)
 # key order never matters to a rerun (params are compared by their representation)
 canonical = stconfig.canonical(config)
 config.clear()
@@ -86,7 +92,7 @@ def all_targets():
         f"{R}/eval/{{model}}/{{fold}}/per_gene.csv", model=MODELS, fold=FOLDS
     )
     targets += stats_targets() + figure_targets() + diffusion_targets()
-    return targets
+    return targets + table_targets()
 
 
 DIFFUSION = stconfig.diffusion_settings(config)
@@ -165,6 +171,31 @@ def figure(name, caption, category="Figures", subcategory=None, labels=None):
                           subcategory=subcategory, labels=labels)  # fmt: skip
         out.append(path)
     return out
+
+
+#: CSV pattern -> its report entry; rules `report_table_*` (report.smk) write each one's HTML view
+TABLES = {}
+STATS_TABLES = ["S1_per_gene", "S2_per_category", "S3_per_quartile", "summary"]
+
+
+def table(path, caption, category, subcategory=None, labels=None):
+    """A CSV output whose HTML view (same name, `.html`) goes into the report: the report shows
+    HTML in the page but offers a CSV only as a download.
+    """
+    TABLES[path] = dict(caption=f"../report/{caption}.rst", category=category,
+                        subcategory=subcategory, labels=labels)  # fmt: skip
+    return path
+
+
+def table_targets():
+    """The HTML view of every report table the run makes."""
+    csvs = [f"{R}/genes/genes.csv"]
+    csvs += [f"{R}/eval/ceiling/{test_sample(f)}.csv" for f in FOLDS]
+    csvs += expand(f"{R}/eval/{{model}}/{{fold}}/per_gene.csv", model=MODELS, fold=FOLDS)
+    csvs += [f"{R}/stats/{c}/{t}.csv" for c in COMPARISONS for t in STATS_TABLES]
+    csvs += [f"{R}/stats/factorial_2x2.csv"] if config.get("factorial") else []
+    csvs += diffusion_targets()
+    return [c.removesuffix(".csv") + ".html" for c in dict.fromkeys(csvs)]
 
 
 FACTORIAL = config.get("factorial") or {}
