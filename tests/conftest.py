@@ -65,10 +65,12 @@ def image_tiles(image, tile=512):
             yield image[i : i + tile, j : j + tile]
 
 
-def make_sample(outs, sample_id="T1", n_rows=300, n_cols=260, n_genes=12, seed=0):
-    """Write a tiny Space Ranger Visium HD sample (2/8/16 um bins, tiled TIFF) into `outs`."""
+def make_sample(outs, sample_id="T1", n_rows=300, n_cols=260, n_genes=12, seed=0, rates=None):
+    """Write a tiny Space Ranger Visium HD sample (2/8/16 um bins, tiled TIFF) into `outs`.
+
+    rates: Poisson rate per gene (default rising from 0.01 to 0.6 with the gene index)."""
     rng = np.random.default_rng(seed)
-    rates = np.geomspace(0.01, 0.6, n_genes)
+    rates = np.geomspace(0.01, 0.6, n_genes) if rates is None else np.asarray(rates)
     counts = sp.csr_matrix(rng.poisson(rates, size=(n_rows * n_cols, n_genes)).astype(np.int32))
     in_tissue = tissue_grid(n_rows, n_cols)
     mpp = 0.4583

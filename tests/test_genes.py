@@ -74,3 +74,30 @@ def test_a_mosaic_gene_the_selection_did_not_keep_is_refused_before_any_output(h
     with pytest.raises(InputError, match=r"figures.mosaic_genes: 'NOPE' not among the 3 genes"):
         select_genes([sdata_zarr], out, n_genes=3, required=["NOPE"])
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def second_sdata(tmp_path_factory):
+    from conftest import make_sample
+
+    from sparsitytrap.ingest import ingest
+
+    rates = np.geomspace(0.6, 0.01, 12)  # the first sample's genes in reverse: another top six
+    sample = make_sample(tmp_path_factory.mktemp("second") / "outs", sample_id="T2", seed=5, rates=rates)
+    return ingest(sample.outs, "T2", tmp_path_factory.mktemp("sdata2") / "T2.zarr")
+
+
+def test_leak_free_selection_chooses_each_folds_genes_on_its_training_samples_only(
+    sdata_zarr, second_sdata, tmp_path
+):
+    from sparsitytrap.genes import fold_genes
+
+    zarrs, n = [sdata_zarr, second_sdata], 6
+    table = select_genes(zarrs, tmp_path / "g.csv", n_genes=n, folds={"test-T2": [0], "test-T1": [1]})
+    alone = [select_genes([z], tmp_path / f"{i}.csv", n_genes=n)["gene"].tolist() for i, z in enumerate(zarrs)]
+    assert set(alone[0]) != set(alone[1])
+    assert fold_genes(tmp_path / "g.csv", "test-T2") == alone[0]  # chosen without the test sample T2
+    assert fold_genes(tmp_path / "g.csv", "test-T1") == alone[1]
+    assert table["gene"].tolist() == list(dict.fromkeys(alone[0] + alone[1]))  # the tile stores hold the union
+    # one selection for all folds: the fold has the whole list
+    assert fold_genes(tmp_path / "0.csv", "test-T2") == alone[0]

@@ -132,32 +132,21 @@ def check_required(selected, required, key="figures.mosaic_genes", source="the s
         )
 
 
-def select_genes(sdata_zarrs, out_csv, *, method="variance", n_genes=50, categories=None, panel=None, required=()):
-    """Choose genes and write `out_csv` (gene, rank, mean, variance, zero_fraction, category).
-
-    method: ``variance`` ranks genes by the variance of raw counts over in-tissue bins (the
-    seeds' choice, dominated by highly expressed genes); ``hvg`` uses scanpy's seurat_v3
-    highly-variable genes on raw counts; ``panel`` keeps the genes of a user file, in its order.
-    required: genes later stages need (``figures.mosaic_genes``); missing ones are refused.
-    """
-    if method not in METHODS:
-        raise InputError("config genes.method", f"unknown method {method!r}; use one of {METHODS}")
-    # Statistics are streamed per sample; only 'hvg' (scanpy) needs the tables in memory.
-    per_sample = [table_moments(p) for p in sdata_zarrs]
-    names = per_sample[0][0]
-    for path, (other, _) in zip(sdata_zarrs[1:], per_sample[1:]):
-        if other != names:
-            raise InputError(path, "its genes differ from the first sample's; samples must share one feature list")
+def _sum(moments):
     total = None
-    for _, m in per_sample:
+    for m in moments:
         total = m if total is None else {k: total[k] + m[k] for k in m}
-    stats = statistics(total)
-    stats.insert(0, "gene", names)
+    return total
 
+
+def _choose(method, names, moments, zarrs, n_genes, panel):
+    """Genes chosen by `method` on the samples whose `moments` (and stores `zarrs`) are given."""
     if method == "variance":
-        chosen = list(stats.sort_values("variance", ascending=False, kind="stable")["gene"][:n_genes])
+        stats = statistics(_sum(moments))
+        order = np.argsort(-stats["variance"].to_numpy(), kind="stable")[:n_genes]
+        chosen = [names[i] for i in order]
     elif method == "hvg":
-        chosen = _hvg_order([read_bin_table(p) for p in sdata_zarrs], n_genes)
+        chosen = _hvg_order([read_bin_table(p) for p in zarrs], n_genes)
     else:
         if panel is None:
             raise InputError("config genes.panel", "method 'panel' needs a panel file")
@@ -167,11 +156,59 @@ def select_genes(sdata_zarrs, out_csv, *, method="variance", n_genes=50, categor
             raise InputError(panel, f"{len(missing)} panel genes are not in the data, e.g. {missing[0]!r}")
     if len(chosen) < n_genes and method != "panel":
         raise InputError("config genes.n_genes", f"asks for {n_genes} genes but only {len(chosen)} are available")
+    return chosen
 
-    check_required(chosen, required, source=f"this {method} selection")
+
+def select_genes(
+    sdata_zarrs, out_csv, *, method="variance", n_genes=50, categories=None, panel=None, required=(), folds=None
+):
+    """Choose genes and write `out_csv` (gene, rank, mean, variance, zero_fraction, category[, rank_<fold>]).
+
+    method: ``variance`` ranks genes by the variance of raw counts over in-tissue bins (the
+    seeds' choice, dominated by highly expressed genes); ``hvg`` uses scanpy's seurat_v3
+    highly-variable genes on raw counts; ``panel`` keeps the genes of a user file, in its order.
+    folds: ``{fold: indices into sdata_zarrs of its training samples}`` for leak-free selection:
+    each fold's genes are chosen on its training samples only (column ``rank_<fold>``, empty where
+    the fold did not choose the gene), and the table lists their union (what the tile stores hold).
+    Without `folds`, one selection on all `sdata_zarrs` serves every fold.
+    required: genes later stages need (``figures.mosaic_genes``); missing ones are refused.
+    """
+    if method not in METHODS:
+        raise InputError("config genes.method", f"unknown method {method!r}; use one of {METHODS}")
+    # Statistics are streamed per sample (moments add up); only 'hvg' (scanpy) needs the tables in memory.
+    per_sample = [table_moments(p) for p in sdata_zarrs]
+    names = per_sample[0][0]
+    for path, (other, _) in zip(sdata_zarrs[1:], per_sample[1:]):
+        if other != names:
+            raise InputError(path, "its genes differ from the first sample's; samples must share one feature list")
+    moments = [m for _, m in per_sample]
+    groups = folds or {None: range(len(sdata_zarrs))}
+    chosen = {
+        fold: _choose(method, names, [moments[i] for i in idx], [sdata_zarrs[i] for i in idx], n_genes, panel)
+        for fold, idx in groups.items()
+    }
+    for fold, genes in chosen.items():
+        check_required(genes, required, source=f"this {method} selection" + (f" for fold {fold}" if fold else ""))
+    union = list(dict.fromkeys(g for genes in chosen.values() for g in genes))
+
+    stats = statistics(_sum(moments))
+    stats.insert(0, "gene", names)
     cats = read_categories(categories) if categories else {}
-    table = stats.set_index("gene").loc[chosen].reset_index()
+    table = stats.set_index("gene").loc[union].reset_index()
     table.insert(1, "rank", np.arange(1, len(table) + 1))
     table["category"] = [cats.get(g, "Unassigned") for g in table["gene"]]
+    if folds:
+        for fold, genes in chosen.items():
+            table[f"rank_{fold}"] = pd.array(table["gene"].map({g: r + 1 for r, g in enumerate(genes)}), dtype="Int64")
     write_csv(table, out_csv)
     return table
+
+
+def fold_genes(genes_csv, fold):
+    """The genes of one fold, in its channel order: its ``rank_<fold>`` column, else the whole list."""
+    table = pd.read_csv(genes_csv)
+    column = f"rank_{fold}"
+    if column not in table:
+        return table["gene"].astype(str).tolist()
+    chosen = table[table[column].notna()].sort_values(column)
+    return chosen["gene"].astype(str).tolist()

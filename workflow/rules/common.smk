@@ -54,7 +54,14 @@ def simulation_params(wc):
 
 def gene_samples():
     chosen = config["genes"]["samples"]
-    return SAMPLES if chosen == "all" else chosen
+    return SAMPLES if chosen in ("all", "training") else chosen
+
+
+def gene_folds():
+    """Leak-free selection (`genes.samples: training`): fold -> positions of its training samples."""
+    if config["genes"]["samples"] != "training" or config["genes"]["method"] == "panel":
+        return None
+    return {f: [SAMPLES.index(s) for s in stconfig.fold_samples(config, f)[0]] for f in FOLDS}
 
 
 def truth_of(sample):
@@ -191,7 +198,9 @@ def table_targets():
     """The HTML view of every report table the run makes."""
     csvs = [f"{R}/genes/genes.csv"]
     csvs += [f"{R}/eval/ceiling/{test_sample(f)}.csv" for f in FOLDS]
-    csvs += expand(f"{R}/eval/{{model}}/{{fold}}/per_gene.csv", model=MODELS, fold=FOLDS)
+    csvs += expand(
+        f"{R}/eval/{{model}}/{{fold}}/per_gene.csv", model=MODELS, fold=FOLDS
+    )
     csvs += [f"{R}/stats/{c}/{t}.csv" for c in COMPARISONS for t in STATS_TABLES]
     csvs += [f"{R}/stats/factorial_2x2.csv"] if config.get("factorial") else []
     csvs += diffusion_targets()

@@ -52,11 +52,7 @@ rule select_genes:
         categories=config["genes"]["categories"] or [],
         panel=config["genes"]["panel"] or [],
     output:
-        report(
-            f"{R}/genes/genes.csv",
-            caption="../report/genes.rst",
-            category="Data",
-        ),
+        table(f"{R}/genes/genes.csv", "genes", "Data"),
     log:
         f"{R}/logs/select_genes.log",
     conda:
@@ -67,6 +63,7 @@ rule select_genes:
     params:
         method=config["genes"]["method"],
         n_genes=config["genes"]["n_genes"],
+        folds=gene_folds(),
     script:
         "../scripts/select_genes.py"
 
