@@ -431,3 +431,82 @@ def test_bad_inputs(cohort, tmp_path):
         fit(spec, tiles, [], tmp_path / "z")
     with pytest.raises(InputError, match="tiles: no training samples"):
         fit(spec, [], [], tmp_path / "z")
+
+
+def test_train_um_8_is_the_loss_of_the_pooled_maps():
+    from sparsitytrap.losses import build_loss
+    from sparsitytrap.training.job import at_train_um
+
+    rate, g = 0.3, torch.Generator().manual_seed(0)
+    y = torch.poisson(torch.full((2, 3, 16, 16), rate), generator=g)
+    mask = torch.ones(2, 16, 16, dtype=torch.bool)
+    mask[0, :, :4] = False  # a column of 8 um bins outside the tissue
+    mask[1, 5, 6] = False  # one 2 um bin: its 8 um bin is tissue with 15 bins of it
+    out = torch.full_like(y, np.log(rate))  # a constant-rate field
+    poisson = build_loss({"name": "poisson"})
+    assert at_train_um(poisson, {"train_um": 2}) is poisson
+    pooled = at_train_um(poisson, {"train_um": 8})
+    # by hand: 8 um = 4 x 4 bins of 2 um; rates and counts summed over the tissue bins of each
+    m = mask.numpy()[:, None].astype(float)
+    r = (rate * m).reshape(2, 1, 4, 4, 4, 4).sum((3, 5))
+    counts = (y.numpy() * m).reshape(2, 3, 4, 4, 4, 4).sum((3, 5))
+    tissue = np.broadcast_to(r > 0, counts.shape)
+    r = np.broadcast_to(r, counts.shape)[tissue]
+    counts = counts[tissue]
+    floor = counts - np.where(counts > 0, counts * np.log(np.maximum(counts, 1)), 0)  # perfect prediction
+    expected = np.mean(r - counts * np.log(r)) - np.mean(floor)
+    assert float(pooled(out, y, mask)) == pytest.approx(expected, rel=1e-5)
+    assert float(pooled(out, y, mask)) != pytest.approx(float(poisson(out, y, mask)) - float(poisson.floor(y, mask)))
+
+
+def test_train_um_is_checked_at_plan_time(monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    base = stconfig.read_yaml(root / "config.yaml")
+    ok = json.loads(json.dumps(base))
+    ok["models"]["E_hist2st_poisson"]["training"] = {"train_um": 16}
+    assert stconfig.model_config(stconfig.validate(ok), "E_hist2st_poisson")["training"]["train_um"] == 16
+    odd = json.loads(json.dumps(ok))
+    odd["tiles"]["tile_bins"] = 100  # 16 um = 8 bins of 2 um, and 8 does not divide 100
+    with pytest.raises(InputError, match=r"models\.E_hist2st_poisson\.training\.train_um: 16 um bins"):
+        stconfig.validate(odd)
+    shared = json.loads(json.dumps(base))
+    shared["tiles"]["tile_bins"], shared["training"]["train_um"] = 36, 16
+    with pytest.raises(InputError, match=r"config.yaml: training\.train_um"):
+        stconfig.validate(shared)
+    multi = json.loads(json.dumps(base))
+    multi["models"]["V7_multiscale"]["training"] = {"train_um": 4}
+    with pytest.raises(InputError, match=r"V7_multiscale\.training\.train_um: 4, but a multiscale"):
+        stconfig.validate(multi)
+    bad = json.loads(json.dumps(base))
+    bad["training"]["train_um"] = 6
+    with pytest.raises(InputError, match=r"training\.train_um"):
+        stconfig.validate(bad)
+
+
+def test_a_fold_trains_on_its_own_genes_in_its_order(cohort, tmp_path):
+    """Leak-free selection: the tile stores hold the union of the folds' genes; a fold trains on its own."""
+    from sparsitytrap.stores.tiles import open_tiles
+
+    config = make_config(cohort, epochs=1)
+    store = open_tiles(cohort / "tiles" / "P1.zarr")
+    chosen = [store.genes[3], store.genes[1]]
+    tiles = [cohort / "tiles" / s for s in ("P1.zarr", "P2.zarr")]
+    feats = [cohort / "features" / "tiny" / s for s in ("P1.zarr", "P2.zarr")]
+    train_set, _, info = split_samples(tiles, feats, 0.25, 2, 0, genes=chosen)
+    assert info["genes"] == chosen
+    slide, t = train_set.items[0]  # items run in sample order: the first is a tile of P1
+    assert slide == 0
+    np.testing.assert_array_equal(train_set[(0, 0)]["target"].numpy(), store.counts[t][[3, 1]])
+    result = fit({**stconfig.model_config(config, "E"), "genes": chosen}, tiles, feats, tmp_path / "run")
+    assert result["finished"]
+    assert json.loads(load_file_meta(tmp_path / "run" / "best.safetensors")["genes"]) == chosen
+    with pytest.raises(InputError, match="fold's genes are not in the tile store, e.g. 'NOPE'"):
+        split_samples(tiles, feats, 0.25, 2, 0, genes=["NOPE"])
+
+
+def load_file_meta(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()

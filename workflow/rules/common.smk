@@ -125,6 +125,7 @@ def train_inputs(wc):
     return {
         "tiles": [f"{R}/{tiles_of(wc.model)}/{s}.zarr" for s in train],
         "features": [f"{R}/features/{ENCODER}/{s}.zarr" for s in train],
+        "genes": f"{R}/genes/genes.csv",  # the fold's own genes (genes.samples: training)
     }
 
 

@@ -30,10 +30,14 @@ class TileDataset(torch.utils.data.Dataset):
     ----------
     sources
         ``[(slide index, tile store path, feature cache path or None, tile indices)]``.
+    gene_index
+        Positions in the tile stores' gene axis of the genes trained on (a fold's own selection
+        among the union the stores hold), or None for all of them.
     """
 
-    def __init__(self, sources):
+    def __init__(self, sources, gene_index=None):
         self.sources = sources
+        self.gene_index = None if gene_index is None else np.asarray(gene_index)
         self.items = [(s, int(t)) for s, (_, _, _, idx) in enumerate(sources) for t in idx]
         self._open = {}
 
@@ -44,6 +48,10 @@ class TileDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.items)
+
+    def slide_of(self, i):
+        """Slide id of item i (what the loss's ``slide`` argument receives)."""
+        return self.sources[self.items[i][0]][0]
 
     def _stores(self, s):
         # opened lazily, once per process (DataLoader workers open their own)
@@ -58,8 +66,9 @@ class TileDataset(torch.utils.data.Dataset):
         i, v = key
         s, t = self.items[i]
         root, tokens = self._stores(s)
+        counts = root.counts[t] if self.gene_index is None else root.counts[t][self.gene_index]
         item = {
-            "target": torch.from_numpy(apply(root.counts[t].astype(np.float32), v)),
+            "target": torch.from_numpy(apply(counts.astype(np.float32), v)),
             "mask": torch.from_numpy(apply(root.mask[t], v)),
             "slide": torch.tensor(self.sources[s][0]),
         }
@@ -70,8 +79,39 @@ class TileDataset(torch.utils.data.Dataset):
         return item
 
 
-def split_samples(tiles, features, val_fraction, block_tiles, seed, on_the_fly=False):
+def _fold_genes(store_genes, genes, where):
+    """(genes trained on, their positions in the stores) for a fold's `genes`, or all the store's."""
+    if genes is None or list(genes) == list(store_genes):
+        return list(store_genes), None
+    missing = [g for g in genes if g not in set(store_genes)]
+    if missing:
+        raise InputError(where, f"{len(missing)} of the fold's genes are not in the tile store, e.g. {missing[0]!r}")
+    position = {g: i for i, g in enumerate(store_genes)}
+    return list(genes), np.array([position[g] for g in genes])
+
+
+def batches(dataset, keys, batch_size, by_slide=False, generator=None):
+    """The keys cut into batches of at most ``batch_size``, in order.
+
+    With ``by_slide``, each batch holds tiles of one slide (a slide-scope ranking loss sees a batch's
+    tiles as one list only then): each slide's keys, in their order, are cut into batches, and the
+    batches are shuffled by ``generator`` (kept in slide order without one, as for validation).
+    """
+    if not by_slide:
+        return [keys[j : j + batch_size] for j in range(0, len(keys), batch_size)]
+    per_slide = {}
+    for key in keys:
+        per_slide.setdefault(dataset.slide_of(key[0]), []).append(key)
+    out = [group[j : j + batch_size] for group in per_slide.values() for j in range(0, len(group), batch_size)]
+    if generator is None:
+        return out
+    return [out[int(j)] for j in torch.randperm(len(out), generator=generator)]
+
+
+def split_samples(tiles, features, val_fraction, block_tiles, seed, on_the_fly=False, genes=None):
     """Open the training samples, check them, and split each into training and validation tiles.
+
+    genes: the fold's genes (a subset of the stores', in the fold's order); default all of them.
 
     Returns
     -------
@@ -86,8 +126,7 @@ def split_samples(tiles, features, val_fraction, block_tiles, seed, on_the_fly=F
     train_src, val_src, info = [], [], {"samples": {}}
     for s, (tpath, fpath) in enumerate(zip(tiles, features, strict=True)):
         root = open_tiles(tpath)
-        genes = root.genes
-        if info.setdefault("genes", genes) != genes:
+        if info.setdefault("store_genes", root.genes) != root.genes:
             raise InputError(tpath, "genes differ from the first training sample's (same genes.csv needed)")
         n, side = root.n_tiles, root.tile_bins
         if info.setdefault("tile_bins", side) != side:
@@ -108,7 +147,8 @@ def split_samples(tiles, features, val_fraction, block_tiles, seed, on_the_fly=F
         train_src.append((s, tpath, fpath, np.flatnonzero(~is_val)))
         val_src.append((s, tpath, fpath, np.flatnonzero(is_val)))
         info["samples"][str(sample)] = {"tiles": n, "train": int((~is_val).sum()), "val": int(is_val.sum())}
-    train_set, val_set = TileDataset(train_src), TileDataset(val_src)
+    info["genes"], index = _fold_genes(info.pop("store_genes"), genes, tiles[0])
+    train_set, val_set = TileDataset(train_src, index), TileDataset(val_src, index)
     if len(val_set) == 0:
         raise InputError("training.val_fraction", "no validation tile: every training sample has fewer than 2 tiles")
     return train_set, val_set, info

@@ -15,7 +15,7 @@ from ..decoders import build_decoder, count_parameters
 from ..device import resolve_device
 from ..errors import InputError
 from ..io import atomic_path, write_csv, write_json
-from ..losses import build_loss
+from ..losses import MultiScaleLoss, build_loss
 from . import checkpoint
 from .data import encodes_on_the_fly, split_samples
 from .loop import Trainer
@@ -53,7 +53,8 @@ def fit(
     ----------
     model_cfg
         A resolved model (``sparsitytrap.config.model_config``): ``name``, ``decoder``,
-        ``decoder_kwargs``, ``loss``, ``training``.
+        ``decoder_kwargs``, ``loss``, ``training``; optional ``genes``, the fold's genes among the
+        tile stores' (default all of them).
     tiles
         Tile stores of the training samples (never the test sample's).
     features
@@ -116,7 +117,8 @@ def _build(model_cfg, tiles, features, out_dir, encoder_cfg, fold, device):
     shuffle = torch.Generator().manual_seed(seed)
     on_the_fly = encodes_on_the_fly(model_cfg)
     train_set, val_set, info = split_samples(
-        tiles, features, t.get("val_fraction", 0.2), t.get("val_block_tiles", 2), seed, on_the_fly
+        tiles, features, t.get("val_fraction", 0.2), t.get("val_block_tiles", 2), seed, on_the_fly,
+        genes=model_cfg.get("genes"),  # the fold's own selection (genes.samples: training)
     )
     encoder = jitter = None
     if on_the_fly:
@@ -155,11 +157,24 @@ def _build_encoder(encoder_cfg, device):
 def _build_model(model_cfg, info, device):
     """Loss first: it names the decoder output it needs (log-rate, softplus rate, score)."""
     n_genes = len(info["genes"])
-    loss = build_loss(model_cfg["loss"], n_genes=n_genes, where=f"models.{model_cfg.get('name')}.loss").to(device)
+    loss = build_loss(model_cfg["loss"], n_genes=n_genes, where=f"models.{model_cfg.get('name')}.loss")
+    loss = at_train_um(loss, model_cfg["training"]).to(device)
     # the decoder's output side follows the tile stores (128 bins of 2 um by default)
     decoder_kwargs = {**model_cfg.get("decoder_kwargs", {}), "out_size": info["tile_bins"]}
     model = build_decoder(model_cfg["decoder"], info["dim"], n_genes, loss.output, **decoder_kwargs).to(device)
     return loss, model, decoder_kwargs
+
+
+def at_train_um(loss, training):
+    """The loss on sum-pooled predictions and targets at ``training.train_um`` (2, the default: as is).
+
+    The multi-scale loss's pooling at one scale with weight 1: its detached floor (the loss of a
+    perfect prediction at that bin size) shifts the value, not the gradient.
+    """
+    k = int(training.get("train_um", 2)) // 2  # 2 um bins per side of a training bin
+    if k == 1:
+        return loss
+    return MultiScaleLoss(loss, scales=(k,), balance="fixed")  # keeps the base's slide batching too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +242,7 @@ def _finish(job):
         **{k: _finite(v) for k, v in state.get("best_metrics", {}).items()},
         "epochs_run": len(log_rows),
         "stopped_early": bool(state["stopped_early"]),
+        "last_quarter_share": _finite(last_quarter_share([r["val_loss"] for r in log_rows])),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in log_rows])) if log_rows else None,
         "train_tiles": len(trainer.train_set),
         "val_tiles": len(trainer.val_set),
@@ -234,7 +250,32 @@ def _finish(job):
     }
     _write_log(job)  # again: a resumed finished job may have lost it
     write_json(metrics, job.out_dir / "metrics_val.json")
+    log.info(
+        "model %s fold %s: %s after epoch %d, best epoch %d (validation loss %.5g); last quarter of the epochs "
+        "brought %s of the decrease since epoch 1",
+        meta["model"],
+        meta["fold"],
+        "stopped early" if state["stopped_early"] else "reached training.epochs",
+        len(log_rows),
+        state["best_epoch"],
+        state["best_val"],
+        "n/a" if metrics["last_quarter_share"] is None else f"{metrics['last_quarter_share']:.1%}",
+    )
     return metrics
+
+
+def last_quarter_share(val_losses):
+    """Share of the validation loss's decrease since epoch 1 that its last quarter of epochs brought.
+
+    The plateau test of a training log: the decrease is that of the running best (lowest so far),
+    so a last quarter that only rises brings 0. NaN with under 4 epochs or no decrease at all.
+    """
+    best = np.minimum.accumulate(np.asarray(val_losses, dtype=float))
+    n = len(best)
+    if n < 4 or not best[0] > best[-1]:
+        return float("nan")
+    start = best[n - math.ceil(n / 4) - 1]  # the running best before the last quarter
+    return float((start - best[-1]) / (best[0] - best[-1]))
 
 
 def _write_best(job):
