@@ -17,8 +17,10 @@ from sparsitytrap.losses import (
     build_loss,
     draw_partners,
 )
+from sparsitytrap.training.data import TileDataset, batches
 
 ALL = ["poisson", "mse", "mse_log1p", "nb", "strank_pair", "strank_list", "multiscale"]
+ONE_SLIDE = torch.zeros(2, dtype=torch.long)  # slide ids of a _batch(): STRank's default lists are slides
 
 
 def _batch(b=2, g=3, h=8, seed=0, tissue=0.6, scale=3.0):
@@ -125,7 +127,7 @@ def test_pairwise_strank_matches_loops_for_two_bin_lists():
     mask = torch.zeros(2, 4, 4, dtype=torch.bool)
     mask[0, 0, 1] = mask[0, 2, 3] = mask[1, 1, 1] = mask[1, 3, 0] = True
     s = out + torch.log(target.mean(1, keepdim=True) + 1e-6)
-    terms = []
+    rank, entropy = [], []
     for b in range(2):
         bins = list(zip(*np.nonzero(mask[b].numpy())))
         for anchor, partner in [(bins[0], bins[1]), (bins[1], bins[0])]:
@@ -133,9 +135,72 @@ def test_pairwise_strank_matches_loops_for_two_bin_lists():
                 pair = [float(s[b, g, *anchor]), float(s[b, g, *partner])]
                 log_p = np.array(pair) - np.logaddexp(*pair)
                 counts = [float(target[b, g, *anchor]), float(target[b, g, *partner])]
-                terms += [-counts[0] * log_p[0], -counts[1] * log_p[1]]
-    loss = build_loss({"name": "strank_pair"})
-    assert loss(out, target, mask).item() == pytest.approx(np.mean(terms), rel=1e-5)
+                rank += [-counts[0] * log_p[0], -counts[1] * log_p[1]]
+                entropy += list(-np.exp(log_p) * log_p)
+    plain = build_loss({"name": "strank_pair", "list_scope": "tile", "entropy_weight": 0.0})
+    assert plain(out, target, mask).item() == pytest.approx(np.mean(rank), rel=1e-5)
+    # the default: the authors' loss, rank term + 1 x mean entropy; one slide per tile here
+    authors = build_loss({"name": "strank_pair"})
+    value = authors(out, target, mask, slide=[0, 1]).item()
+    assert value == pytest.approx(np.mean(rank) + np.mean(entropy), rel=1e-5)
+    half = build_loss({"name": "strank_pair", "entropy_weight": 0.5})(out, target, mask, slide=[0, 1]).item()
+    assert half == pytest.approx(np.mean(rank) + 0.5 * np.mean(entropy), rel=1e-5)
+
+
+def test_pair_default_is_the_authors_loss_function():
+    # The authors' STRankLoss.forward on a stack [pairs, 2, genes] (naivete5656/STRank, loss_functions.py):
+    # lpi = log_softmax(pred + log(mean_g count + 1e-6)) over the pair; loss = mean(-lpi count) + pi_prior,
+    # pi_prior = -mean(exp(lpi) lpi). Ours pairs each bin with a drawn other bin (draw_partners, seed 0).
+    out, target, mask = _batch(b=1, g=4, h=6)
+    ours = build_loss({"name": "strank_pair"})(out, target, mask, slide=[0]).item()
+    tissue = mask[0].flatten()
+    pred = out[0].reshape(4, -1)[:, tissue].T  # [n, G], bins in row-major order as the loss takes them
+    count = target[0].reshape(4, -1)[:, tissue].T
+    partner = draw_partners(len(pred), torch.Generator().manual_seed(0))
+    stack_pred, stack_count = torch.stack([pred, pred[partner]], 1), torch.stack([count, count[partner]], 1)
+    lpi = torch.log_softmax(stack_pred + (stack_count.mean(-1, keepdim=True) + 1e-6).log(), dim=-2)
+    theirs = torch.mean(-lpi * stack_count) + -(torch.exp(lpi) * lpi).mean()
+    assert ours == pytest.approx(theirs.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["strank_list", "strank_pair"])
+def test_per_tile_offsets_are_seen_by_slide_lists_only(name):
+    # A per-tile (and per-gene) offset of the scores: invisible to a softmax within one tile, not to
+    # one over a slide's tiles. So only slide lists can learn tiles' levels relative to each other.
+    out, target, mask = _batch(b=4, g=3, h=8, tissue=0.8)
+    offsets = 3 * torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(9))
+    slides = torch.tensor([0, 0, 1, 1])
+
+    def value(scope, x):  # a fresh loss each call: the same pair partners
+        return build_loss({"name": name, "list_scope": scope})(x, target, mask, slide=slides).item()
+
+    assert value("tile", out + offsets) == pytest.approx(value("tile", out), rel=1e-5)
+    assert abs(value("slide", out + offsets) - value("slide", out)) > 0.05 * abs(value("slide", out))
+    # and the slide-scope gradient pulls the offsets back: it is not zero along them
+    x = (out + offsets).requires_grad_(True)
+    build_loss({"name": name})(x, target, mask, slide=slides).backward()
+    assert x.grad.sum(dim=(2, 3)).abs().max() > 1e-3
+
+
+def test_slide_scope_batches_hold_one_slide():
+    # A slide-scope loss asks the trainer for batches of one slide; a batch of two of its tiles is one list.
+    assert build_loss({"name": "strank_list"}).batches_by_slide
+    assert build_loss({"name": "multiscale", "base": "strank_pair"}).batches_by_slide
+    assert not build_loss({"name": "strank_list", "list_scope": "tile"}).batches_by_slide
+    dataset = TileDataset([(0, "a.zarr", None, [0, 1, 2]), (1, "b.zarr", None, [0, 1, 2, 3, 4])])
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))
+    keys = [(int(i), 0) for i in order]
+    plain = batches(dataset, keys, 2)
+    assert [k for b in plain for k in b] == keys and max(map(len, plain)) == 2
+    drawn = batches(dataset, keys, 2, by_slide=True, generator=torch.Generator().manual_seed(2))
+    assert sorted(k for b in drawn for k in b) == sorted(keys) and max(map(len, drawn)) == 2
+    assert all(len({dataset.slide_of(i) for i, _ in b}) == 1 for b in drawn)
+    assert len(drawn) == 5  # 2 + 1 for slide 0's three tiles, 2 + 2 + 1 for slide 1's five
+    again = batches(dataset, keys, 2, by_slide=True, generator=torch.Generator().manual_seed(2))
+    assert drawn == again  # seeded
+    # validation: the keys in dataset order and no generator; the batches keep that order
+    in_order = batches(dataset, [(i, 0) for i in range(len(dataset))], 2, by_slide=True)
+    assert in_order == [[(0, 0), (1, 0)], [(2, 0)], [(3, 0), (4, 0)], [(5, 0), (6, 0)], [(7, 0)]]
 
 
 def test_partners_are_other_members_and_reproducible():
@@ -145,15 +210,15 @@ def test_partners_are_other_members_and_reproducible():
     assert len(set(partners.tolist())) > 20  # not a fixed shift
     assert torch.equal(draw_partners(50, torch.Generator().manual_seed(3)), partners)
     out, target, mask = _batch()
-    a = build_loss({"name": "strank_pair", "seed": 5})(out, target, mask)
-    b = build_loss({"name": "strank_pair", "seed": 5})(out, target, mask)
+    a = build_loss({"name": "strank_pair", "seed": 5})(out, target, mask, ONE_SLIDE)
+    b = build_loss({"name": "strank_pair", "seed": 5})(out, target, mask, ONE_SLIDE)
     assert a.item() == b.item()
 
 
 def test_pair_strank_is_the_count_weighted_logistic_rank_loss():
     # Binomial NLL of a pair == y_i softplus(s_j - s_i) + y_j softplus(s_i - s_j), exactly; as the
     # score gap grows, it approaches the margin (hinge) form y_i relu(s_j - s_i) + y_j relu(s_i - s_j).
-    loss = STRankLoss("pair", library_offset=False)
+    loss = STRankLoss("pair", "tile", library_offset=False)
     mask = torch.ones(1, 1, 2, dtype=torch.bool)
     y = torch.tensor([[[[5.0, 2.0]]]])
     rel_gaps = []
@@ -219,11 +284,15 @@ def test_all_zero_targets(name):
     out, target, mask = _batch()
     loss = _loss(name)
     x = _prediction(out, loss).detach().requires_grad_(True)
-    value = loss(x, torch.zeros_like(target), mask)
+    value = loss(x, torch.zeros_like(target), mask, ONE_SLIDE)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(x.grad).all()
-    if name in ("strank_pair", "strank_list"):
+    if name == "strank_list":
         assert value.item() == 0.0  # no counts, no ranking information
+    if name == "strank_pair":  # no counts: only the entropy term is left
+        assert value.item() > 0
+        plain = build_loss({"name": name, "entropy_weight": 0.0})
+        assert plain(x, torch.zeros_like(target), mask, ONE_SLIDE).item() == 0.0
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -231,7 +300,7 @@ def test_no_tissue_gives_zero_with_grad(name):
     out, target, _ = _batch()
     loss = _loss(name)
     x = _prediction(out, loss).detach().requires_grad_(True)
-    value = loss(x, target, torch.zeros(2, 8, 8, dtype=torch.bool))
+    value = loss(x, target, torch.zeros(2, 8, 8, dtype=torch.bool), ONE_SLIDE)
     assert value.item() == 0.0 and value.grad_fn is not None
     value.backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
@@ -242,7 +311,7 @@ def test_very_large_counts_are_finite(name):
     out, target, mask = _batch()
     loss = _loss(name)
     x = _prediction(out, loss).detach().requires_grad_(True)
-    value = loss(x, torch.full_like(target, 1e6), mask)
+    value = loss(x, torch.full_like(target, 1e6), mask, ONE_SLIDE)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
@@ -321,6 +390,11 @@ def test_build_loss_outputs_and_errors():
         build_loss({"name": "multiscale", "scals": [1, 2]})
     with pytest.raises(InputError, match="loss.list_scope"):
         build_loss({"name": "strank_list", "list_scope": "patient"})
+    for bad in (-1.0, "1", True, float("nan"), None):
+        with pytest.raises(InputError, match="loss.entropy_weight"):
+            build_loss({"name": "strank_pair", "entropy_weight": bad})
+    with pytest.raises(InputError, match="loss.entropy_weight: unknown setting"):
+        build_loss({"name": "poisson", "entropy_weight": 1.0})
     with pytest.raises(InputError, match="loss.weights"):
         build_loss({"name": "multiscale", "balance": "fixed", "weights": [1, 2]})
     with pytest.raises(InputError, match="number of genes"):
@@ -359,7 +433,7 @@ def test_multiscale_with_other_bases(base):
     out, target, mask = _batch(h=8)
     loss = build_loss({"name": "multiscale", "base": base, "balance": "fixed"}, n_genes=3)
     x = _prediction(out, loss).detach().requires_grad_(True)
-    per_scale = loss.per_scale(x, target, mask)
+    per_scale = loss.per_scale(x, target, mask, ONE_SLIDE)
     assert per_scale.shape == (4,) and torch.isfinite(per_scale).all()
-    loss(x, target, mask).backward()
+    loss(x, target, mask, ONE_SLIDE).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

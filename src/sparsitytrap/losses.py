@@ -12,14 +12,15 @@ poisson        log_rate     exp(s) - y s                       (s clamped at 20)
 mse            softplus     (r - y)^2
 mse_log1p      softplus     (log1p r - log1p y)^2
 nb             log_rate     -log NB(y; mean exp(s), per-gene learnable dispersion)
-strank_pair    score        -y log softmax over a (bin, random partner) pair
-strank_list    score        -y log softmax over all tissue bins of a list
+strank_pair    score        -y log p over a (bin, random partner) pair, + w (-p log p)
+strank_list    score        -y log p, p the softmax over all tissue bins of a list
 multiscale     (its base)   base loss minus its floor, on sum-pooled maps at 2-16 um
 =============  ===========  ==========================================================
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -165,31 +166,42 @@ class STRankLoss(nn.Module):
     """STRank (pairwise or listwise): count likelihood conditioned on the list total.
 
     Logits get the library-size offset ``log(mean over genes of y + 1e-6)``. Listwise: per gene,
-    softmax over all tissue bins of a list, loss = mean over bins and genes of -y log softmax
-    (multinomial). Pairwise: each tissue bin is paired with a random other bin of its list; loss =
-    mean over pairs, pair members and genes of -y log softmax over the pair (binomial).
+    p = softmax over all tissue bins of a list, loss = mean over bins and genes of -y log p
+    (multinomial). Pairwise: each tissue bin is paired with a random other bin of its list, p =
+    softmax over the pair; loss = mean over pairs, pair members and genes of -y log p (binomial).
+    ``entropy_weight`` w adds w times the mean over the same elements of -p log p: the authors'
+    ``pi_prior`` (naivete5656/STRank, ``STRankLoss``), added with weight 1 to their pairwise loss.
 
     Parameters
     ----------
     mode
         ``"list"`` or ``"pair"``.
     list_scope
-        ``"tile"`` (the tissue bins of one tile) or ``"slide"`` (all tissue bins of the batch's
-        tiles from one slide; needs ``slide`` ids in the call).
+        ``"slide"`` (all tissue bins of the batch's tiles from one slide, as the authors' lists
+        are a slide's spots; needs ``slide`` ids in the call) or ``"tile"`` (one tile's bins: the
+        loss then cannot see a per-tile offset of the scores).
     seed
         Seed of the generator that draws pair partners.
     library_offset
         Add the library-size offset (True in STRank).
+    entropy_weight
+        Weight of the mean entropy term (1 in the authors' pairwise loss, 0 in their listwise one).
     """
 
     output = "score"
 
-    def __init__(self, mode="list", list_scope="tile", seed=0, library_offset=True):
+    def __init__(self, mode="list", list_scope="slide", seed=0, library_offset=True, entropy_weight=0.0):
         super().__init__()
         if mode not in ("list", "pair") or list_scope not in ("tile", "slide"):
             raise ValueError(f"STRank mode {mode!r} / list_scope {list_scope!r}: use list|pair and tile|slide")
         self.mode, self.list_scope, self.library_offset = mode, list_scope, library_offset
+        self.entropy_weight = float(entropy_weight)
         self.generator = torch.Generator().manual_seed(int(seed))
+
+    @property
+    def batches_by_slide(self):
+        """True if a batch's tiles should come from one slide (they form one list only then)."""
+        return self.list_scope == "slide"
 
     def forward(self, out, target, mask, slide=None):
         s, y, mask = _prepare(out, target, mask)
@@ -209,7 +221,10 @@ class STRankLoss(nn.Module):
                 partner = draw_partners(n, self.generator).to(s.device)
                 logits = torch.stack([logits, logits[:, partner]], dim=-1)
                 counts = torch.stack([counts, counts[:, partner]], dim=-1)
-            total = total - (counts * torch.log_softmax(logits, dim=-1)).sum()
+            log_p = torch.log_softmax(logits, dim=-1)
+            total = total - (counts * log_p).sum()
+            if self.entropy_weight:
+                total = total - self.entropy_weight * (torch.exp(log_p) * log_p).sum()
             count += counts.numel()
         return total / max(count, 1)
 
@@ -338,6 +353,7 @@ class MultiScaleLoss(nn.Module):
         fixed = torch.ones(len(self.scales)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         self.register_buffer("fixed_weights", fixed)
         self.gradnorm = GradNorm(len(self.scales), alpha, lr) if balance == "gradnorm" else None
+        self.batches_by_slide = bool(getattr(base, "batches_by_slide", False))
         self.last_losses = None
 
     @property
@@ -415,8 +431,11 @@ def _nb(s, n_genes, where):
 
 def _strank(mode):
     def build(s, n_genes, where):
-        scope = _choice(s, "list_scope", ("tile", "slide"), where)
-        return STRankLoss(mode, scope, int(s["seed"]), bool(s["library_offset"]))
+        scope = _choice(s, "list_scope", ("slide", "tile"), where)
+        weight = s["entropy_weight"]
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < math.inf:
+            raise InputError(f"{where}.entropy_weight", f"{weight!r} must be a number >= 0 (1: the authors' pi_prior)")
+        return STRankLoss(mode, scope, int(s["seed"]), bool(s["library_offset"]), float(weight))
 
     return build
 
@@ -434,14 +453,16 @@ def _multiscale(s, n_genes, where):
     return MultiScaleLoss(base, scales, balance, weights, float(s["alpha"]), float(s["lr"]))
 
 
-_STRANK_SETTINGS = {"list_scope": "tile", "seed": 0, "library_offset": True}
+# The STRank authors' settings: lists are slides; their pairwise loss adds the entropy term (pi_prior) with
+# weight 1, their listwise loss has none.
+_STRANK_SETTINGS = {"list_scope": "slide", "seed": 0, "library_offset": True}
 LOSSES = {
     "poisson": LossSpec(lambda s, g, w: PoissonLoss(), PoissonLoss.output),
     "mse": LossSpec(lambda s, g, w: MSELoss(), MSELoss.output),
     "mse_log1p": LossSpec(lambda s, g, w: MSELog1pLoss(), MSELog1pLoss.output),
     "nb": LossSpec(_nb, NegativeBinomialLoss.output, {"log_dispersion": 0.0}),
-    "strank_pair": LossSpec(_strank("pair"), STRankLoss.output, _STRANK_SETTINGS),
-    "strank_list": LossSpec(_strank("list"), STRankLoss.output, _STRANK_SETTINGS),
+    "strank_pair": LossSpec(_strank("pair"), STRankLoss.output, {**_STRANK_SETTINGS, "entropy_weight": 1.0}),
+    "strank_list": LossSpec(_strank("list"), STRankLoss.output, {**_STRANK_SETTINGS, "entropy_weight": 0.0}),
     "multiscale": LossSpec(
         _multiscale,
         None,

@@ -5,7 +5,6 @@ early-stopping ``state``); :mod:`.checkpoint` saves and restores exactly those a
 """
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from ..decoders import to_rate
 from ..metrics import PearsonAccumulator
 from ..views import DIHEDRAL
 from .checkpoint import initial_state
-from .data import TileDataset
+from .data import TileDataset, batches
 
 
 def precision(training, device):
@@ -71,6 +70,8 @@ class Trainer:
         self.batch_size, self.accum = int(self.t.get("batch_size", 8)), int(self.t.get("grad_accum", 1))
         # multi-scale GradNorm weights the scales by their gradient norms at the decoder head
         self.gradnorm = bool(getattr(self.loss, "needs_shared_params", False))
+        # a slide-scope ranking loss needs each batch's tiles from one slide (data.batches)
+        self.by_slide = bool(getattr(self.loss, "batches_by_slide", False))
         self.autocast, self.scaler = precision(self.t, self.device)
         self.state, self.best_model = initial_state(), None  # what the loop changes besides weights
 
@@ -113,11 +114,10 @@ class Trainer:
             views = torch.zeros(n, dtype=torch.long)
         return [(int(i), int(views[i])) for i in order]
 
-    def _loader(self, dataset, keys):
+    def _loader(self, dataset, keys, shuffle=None):
         return torch.utils.data.DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=keys,
+            batch_sampler=batches(dataset, keys, self.batch_size, self.by_slide, shuffle),
             num_workers=int(self.t.get("num_workers", 0)),
             generator=torch.Generator().manual_seed(0),  # keeps the DataLoader off the global RNG
             pin_memory=self.device.type == "cuda",
@@ -152,10 +152,10 @@ class Trainer:
     def _train_epoch(self):
         """Mean batch loss, and the learning rates of the epoch's first and last steps."""
         self.model.train()
-        keys = self._epoch_keys()
-        n_batches = math.ceil(len(keys) / self.batch_size)
+        loader = self._loader(self.train_set, self._epoch_keys(), shuffle=self.shuffle)
+        n_batches = len(loader)
         total, lr_first = 0.0, None
-        for j, batch in enumerate(tqdm(self._loader(self.train_set, keys), total=n_batches, leave=False, desc="train")):
+        for j, batch in enumerate(tqdm(loader, total=n_batches, leave=False, desc="train")):
             group = min(self.accum, n_batches - (j // self.accum) * self.accum)  # last group may be short
             _, _, _, loss = self._forward_loss(batch, training=True)
             self._backward(loss / group)
