@@ -75,7 +75,7 @@ def stage_ingest(a, p):
 
     from sparsitytrap.ingest import ingest
 
-    ingest(p["outs"], a.sample, p["sdata"], bins_as_squares=not a.circles)
+    ingest(p["outs"], a.sample, p["sdata"], bins=a.bins)
     table = zarr.open_group(p["sdata"] / "tables" / "square_002um", mode="r")
     X = ad.io.sparse_dataset(table["X"])
     in_tissue = ad.io.read_elem(table["obs"]["in_tissue"])
@@ -84,7 +84,7 @@ def stage_ingest(a, p):
         "genes": int(X.shape[1]),
         "nnz": int(table["X"]["indptr"][-1]),
         "in_tissue_bins": int((in_tissue > 0).sum()),
-        "bins_as_squares": not a.circles,
+        "bin_shapes": a.bins,
         "disk_gib": round(du_gib(p["sdata"]), 2),
     }
 
@@ -163,9 +163,9 @@ def run_stage(a, stage):
         a.preset,
         "--n-genes",
         str(a.n_genes),
+        "--bins",
+        a.bins,
     ]
-    if a.circles:
-        cmd.append("--circles")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     print(f"[{time.strftime('%H:%M:%S')}] {stage}: started (log {work / (stage + '.log')})", flush=True)
     base = mem_used_gib()
@@ -227,7 +227,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--preset", default="full", help="simulation preset ('demo' for a quick smoke run)")
     ap.add_argument("--n-genes", type=int, default=50)
-    ap.add_argument("--circles", action="store_true", help="ingest bins as circles (default: squares)")
+    ap.add_argument("--bins", default="labels", choices=("labels", "squares", "circles"), help="ingest.bins")
     ap.add_argument("--mem-limit-gib", type=float, default=22.0, help="kill a stage above this machine memory")
     ap.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -239,7 +239,7 @@ def main():
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for stage in a.stages:
         row = run_stage(a, stage)
-        key = f"{stage} (circles)" if stage == "ingest" and a.circles else stage
+        key = f"{stage} ({a.bins})" if stage == "ingest" else stage
         results[key] = row
         results_file.write_text(json.dumps(results, indent=1))
         if row["rc"] != 0:

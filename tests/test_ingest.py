@@ -193,3 +193,25 @@ def test_good_sample_round_trips(hd_sample, sdata_zarr):
     assert np.allclose(table.obsm["spatial"], np.column_stack([x, y]))
     full = sdata.images["T1_full_image"]["scale0"]["image"]
     assert full.shape == (3, *hd_sample.fullres_shape)
+
+
+def test_bins_are_a_labels_raster_the_tables_annotate(hd_sample, sdata_zarr):
+    """Default `ingest.bins: labels`: no per-bin shapes; each table annotates its bin size's raster,
+    whose pixel at (array_row, array_col) holds that bin's instance id, placed on the H&E."""
+    import spatialdata
+    from spatialdata.transformations import get_transformation
+
+    sdata = spatialdata.read_zarr(sdata_zarr)
+    assert not sdata.shapes
+    table = sdata.tables["square_002um"]
+    attrs = table.uns["spatialdata_attrs"]
+    assert attrs["region"] == "T1_square_002um_labels" and attrs["region"] in sdata.labels
+    labels = sdata.labels[attrs["region"]]
+    raster = np.asarray(labels)  # spans the table's bins: its pixel (0, 0) is the first row and column
+    rows, cols = table.obs["array_row"].to_numpy(), table.obs["array_col"].to_numpy()
+    y, x = rows - rows.min(), cols - cols.min()
+    np.testing.assert_array_equal(raster[y, x], table.obs[attrs["instance_key"]].to_numpy())
+    # spatialdata-io maps pixel index (x, y) to the bin's centre in the H&E (obsm spatial)
+    affine = get_transformation(labels, to_coordinate_system="T1").to_affine_matrix(("x", "y"), ("x", "y"))
+    xy = affine @ np.stack([x, y, np.ones(len(rows))])
+    np.testing.assert_allclose(xy[:2].T, table.obsm["spatial"], atol=1e-6)

@@ -253,7 +253,12 @@ def _image_errors(image):
         raise
 
 
-def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins_as_squares=True):
+#: How spatialdata-io represents the bins the tables annotate: a labels raster per bin size, or one
+#: polygon (square) or point with a radius (circle) per bin.
+BIN_SHAPES = ("labels", "squares", "circles")
+
+
+def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins="labels"):
     """Validate a Space Ranger folder, read it with spatialdata-io and write SpatialData zarr.
 
     Parameters
@@ -267,11 +272,15 @@ def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins_as_squares=Tr
         (config ``samples.<id>.fullres_image``); default: looked up in the folder.
     out_zarr
         Output store (written atomically).
-    bins_as_squares
-        Bin shapes as squares (exact, for plotting) or as circles (points with a radius). The
-        reader builds one shape per bin; on 1.5M tissue bins squares cost about 0.6 GB more peak
-        memory and twice the reading time of circles.
+    bins
+        How the bins are stored (:data:`BIN_SHAPES`): ``labels`` (default) a labels raster per bin
+        size that the tables annotate (spatialdata-io's ``annotate_table_by_labels``; its reader
+        still builds a circle per bin first, which is dropped before writing), so napari and
+        spatialdata-plot draw them as an image; ``squares`` or ``circles`` keep one shape per bin,
+        which costs more memory, time and disk on a full capture area (measured in the README).
     """
+    if bins not in BIN_SHAPES:
+        raise InputError("config ingest.bins", f"{bins!r}: use one of {BIN_SHAPES}")
     image = validate_spaceranger(path, dataset_id, fullres_image)
     from spatialdata_io import visium_hd  # slow import: only once the folder is known to be good
 
@@ -285,8 +294,12 @@ def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins_as_squares=Tr
                 dataset_id=dataset_id,
                 load_segmentations_only=False,
                 fullres_image_file=image,
-                bins_as_squares=bins_as_squares,
+                bins_as_squares=bins == "squares",
+                annotate_table_by_labels=bins == "labels",
             )
+            if bins == "labels":  # the tables now annotate the rasters: the per-bin shapes only cost
+                for name in list(sdata.shapes):
+                    del sdata.shapes[name]
             sdata.write(tmp)
             manifest.write(tmp)
     return Path(out_zarr)

@@ -42,6 +42,7 @@ rule ingest:
     params:
         dataset_id=lambda wc: config["samples"][wc.sample].get("dataset_id", wc.sample),
         fullres_image=lambda wc: config["samples"][wc.sample].get("fullres_image"),
+        bins=config["ingest"]["bins"],
     script:
         "../scripts/ingest.py"
 

@@ -3,4 +3,4 @@ from sparsitytrap.smk import job
 
 with job(snakemake):
     p = snakemake.params
-    ingest(snakemake.input[0], p.dataset_id, snakemake.output[0], fullres_image=p.fullres_image)
+    ingest(snakemake.input[0], p.dataset_id, snakemake.output[0], fullres_image=p.fullres_image, bins=p.bins)
