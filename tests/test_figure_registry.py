@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import copy_workflow
-from test_figures import run  # noqa: F401 (the evaluated two-fold fixture)
+from test_figures import fixture_job, run  # noqa: F401 (the evaluated two-fold fixture)
 
 from sparsitytrap import config as stconfig
 from sparsitytrap.figures import FIGURES, setting
@@ -82,44 +82,6 @@ def test_setting_reads_nested_keys_and_indices():
     assert setting(config, "figures.rescue_top_k") == 4
     assert setting(config, "stats.metrics[0]") == "pcc_2um_pooled"
     assert setting(config, "figures.multiscale_model") is None
-
-
-class Named(list):
-    """Stand-in for a job's input, params or wildcards: a list whose items may also have names."""
-
-    def __init__(self, items=(), **named):
-        super().__init__([*items, *named.values()])
-        self.__dict__.update(named)
-
-
-def fixture_job(entry, run):
-    """A job for `entry` whose input, params and wildcards hold the fixture's files and settings."""
-    data = {
-        "eval_dirs": run["eval"]["A"] + run["eval"]["B"],
-        "eval_dirs_a": run["eval"]["A"],
-        "eval_dirs_b": run["eval"]["B"],
-        "eval_dir_a": run["eval"]["A"][0],
-        "eval_dir_b": run["eval"]["B"][0],
-        "tiles_zarr": run["tiles"]["P1"],
-        "pred_a": run["preds"]["P1"]["A"],
-        "pred_b": run["preds"]["P1"]["B"],
-        "pred_zarr": run["preds"]["P1"]["B"],
-        "predictions": run["preds"]["P1"],
-        "gene": "PIGR",
-        "log_csvs": run["logs"],
-    }
-    settings = {"bootstrap": 30, "bootstrap_seed": 0, "metric": "pcc_2um_pooled", "top_k": 1}
-    settings |= {"shared_scale": False, "model": "B", "genes": ["CD74"]}
-    places = {"input": {}, "params": {n: settings[n] for n in entry.options}, "wildcards": {}}
-    whole = []
-    for arg, where in entry.args.items():
-        part, _, name = where.partition(".")
-        if name:
-            places[part][name] = data[arg]
-        else:
-            whole = data[arg]
-    input = Named(whole, **places["input"])
-    return Named(input=input, params=Named(**places["params"]), wildcards=Named(**places["wildcards"]))
 
 
 @pytest.mark.parametrize("name", FIGURES)

@@ -6,21 +6,37 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from .. import stats
-from ._common import FORMATS, metric_label, model_order, protocol_line, read_evaluations, require, save
+from ._common import (
+    FORMATS,
+    NA,
+    metric_label,
+    model_order,
+    protocol_line,
+    read_evaluations,
+    require,
+    save,
+    suptitle,
+    wrap,
+)
 
 HEATMAP_METRICS = ("pcc_2um_pooled", "ssim_2um_pertile")
 
 
-def _comparison(eval_dirs_a, eval_dirs_b, metric, categories=None):
-    """stats.compare of B vs A on ``metric``, categories from the per-gene tables unless given."""
+def _pair(eval_dirs_a, eval_dirs_b):
+    """Per-gene tables of A and B, their names, and the summaries of both."""
     a, sa = read_evaluations(eval_dirs_a)
     b, sb = read_evaluations(eval_dirs_b)
-    names = (model_order(sa)[0], model_order(sb)[0])
-    require(a, [metric, "sparsity"], eval_dirs_a[0])
-    require(b, [metric, "sparsity"], eval_dirs_b[0])
+    return (a, b), (model_order(sa)[0], model_order(sb)[0]), sa + sb
+
+
+def _compare(tables, names, metric, categories=None):
+    """stats.compare of B vs A on ``metric``, categories from the per-gene tables unless given."""
+    a, b = tables
+    for side, df in zip(names, tables):
+        require(df, [metric, "sparsity"], f"per_gene.csv of {side}")
     if categories is None and "category" in a.columns:
         categories = dict(zip(a["gene"], a["category"]))
-    return stats.compare(a, b, metric, categories=categories, names=names), names, sa + sb
+    return stats.compare(a, b, metric, categories=categories, names=names)
 
 
 def _category_colours(categories):
@@ -48,11 +64,12 @@ def sparsity_scatter(eval_dirs_a, eval_dirs_b, out_prefix, metric="pcc_2um_poole
     -------
     matplotlib.figure.Figure
     """
-    res, (na, nb), summaries = _comparison(eval_dirs_a, eval_dirs_b, metric, categories)
+    tables, (na, nb), summaries = _pair(eval_dirs_a, eval_dirs_b)
+    res = _compare(tables, (na, nb), metric, categories)
     s1, s2, summ = res["s1"], res["s2"], res["summary"].iloc[0]
     c = s1[s1["compared"]]
     colours = _category_colours(s1["category"])
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    fig = Figure(figsize=(11, 5), layout="constrained")
     ax, bx = fig.subplots(1, 2, width_ratios=[2, 1])
     for cat, g in c.groupby("category"):
         ax.scatter(g["sparsity_pct"], g["delta"], color=colours[cat], label=cat, s=22)
@@ -63,28 +80,67 @@ def sparsity_scatter(eval_dirs_a, eval_dirs_b, out_prefix, metric="pcc_2um_poole
     ax.axhline(0, color="grey", lw=0.5)
     rho, p = summ["spearman_rho"], summ["spearman_p"]
     stat = f"Spearman ρ = {rho:.3f}, p = {p:.2g}" if np.isfinite(rho) else "Spearman ρ undefined"
-    ax.text(0.02, 0.98, f"{stat}, n = {len(c)} genes", transform=ax.transAxes, va="top", fontsize=8)
+    ax.set_title(f"{stat}, n = {len(c)} genes", fontsize=8)  # a title, not a box in the plot: hides no point
     ax.set_xlabel("sparsity: % of tissue bins with zero count (test patient, mean over folds)")
-    ax.set_ylabel(f"Δ {metric_label(metric)} ({nb} − {na})")
-    ax.legend(fontsize=7, loc="lower right")
-    s2 = s2.sort_values("delta_mean")
+    ax.set_ylabel(wrap(f"Δ {metric_label(metric)} ({nb} − {na})", 45))
+    if c.empty:  # e.g. SSIM of a ranking model: no gene has a value for both
+        for axis in (ax, bx):
+            axis.text(
+                0.5,
+                0.5,
+                f"{NA}: no gene has {metric_label(metric)} for both models",
+                ha="center",
+                transform=axis.transAxes,
+                fontsize=8,
+                wrap=True,
+            )
+    else:  # below the plot, where it covers no point
+        fig.legend(
+            *ax.get_legend_handles_labels(), loc="outside lower center", ncols=min(6, len(colours) + 1), fontsize=7
+        )
+    s2 = s2.dropna(subset=["delta_mean"]).sort_values("delta_mean")
     y = np.arange(len(s2))
     bx.barh(
         y, s2["delta_mean"], xerr=np.nan_to_num(s2["delta_sd"]), color=[colours[k] for k in s2["category"]], capsize=2
     )
     bx.set_yticks(y, [f"{k} ({w})" for k, w in zip(s2["category"], s2["wins"])], fontsize=8)
     bx.axvline(0, color="grey", lw=0.5)
-    bx.set_xlabel(f"mean Δ ± SD over genes (wins of {nb})")
-    fig.suptitle(f"{nb} vs {na}, {metric_label(metric)}\n{protocol_line(summaries)}", fontsize=8)
+    bx.set_xlabel(wrap(f"mean Δ ± SD over genes per category (wins of {nb})", 32))
+    suptitle(fig, f"{nb} vs {na}, {metric_label(metric)}\n{protocol_line(summaries)}", fontsize=8)
     save(fig, out_prefix, formats)
     return fig
 
 
-def heatmap(eval_dirs_a, eval_dirs_b, out_prefix, metrics=HEATMAP_METRICS, formats=FORMATS):
-    """Per-gene heatmap of both models' scores and their deltas, genes sorted by the first metric's delta.
+def _heatmap_block(ax, table, annot, fmt, label, **kw):
+    """One seaborn heatmap with its own colour bar; NaN cells (no value: a ranking model's SSIM) read "n/a"."""
+    sns.heatmap(
+        table.astype(float),
+        ax=ax,
+        annot=annot,
+        fmt=fmt,
+        annot_kws={"fontsize": 6},
+        yticklabels=False,
+        cbar_kws={"shrink": 0.8, "pad": 0.03},
+        **kw,
+    )
+    bar = ax.collections[0].colorbar
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    if annot:
+        for i, j in zip(*np.nonzero(table.isna().to_numpy())):
+            ax.text(j + 0.5, i + 0.5, NA, ha="center", va="center", fontsize=6, color="0.3")
+    ax.set_ylabel("")
+    ax.tick_params(axis="x", labelsize=7)
 
-    Rows are the genes of the evaluation (largest delta B - A on top; genes without a delta
-    last); left panel the scores of A and B per metric, right panel the deltas.
+
+def heatmap(eval_dirs_a, eval_dirs_b, out_prefix, metrics=HEATMAP_METRICS, formats=FORMATS):
+    """Per-gene heatmap of both models' scores, their label-shuffle nulls and the deltas, one scale per metric.
+
+    Rows are the genes of the evaluation (largest delta B - A of the first metric on top; genes
+    without a delta last). Per metric: the scores of A and B and their nulls (means over folds)
+    on one colour scale of that metric, then the delta B - A (over the folds where both are
+    defined, :func:`sparsitytrap.stats.compare`) on its own diverging scale. A cell without a
+    value (a ranking model's count-scale metric) reads "n/a".
 
     Parameters
     ----------
@@ -100,55 +156,45 @@ def heatmap(eval_dirs_a, eval_dirs_b, out_prefix, metrics=HEATMAP_METRICS, forma
     Returns
     -------
     matplotlib.figure.Figure
-        ``fig.axes[0]`` carries the gene labels.
+        ``fig.axes[0]`` carries the gene labels; ``fig.axes[2 * i]`` and ``fig.axes[2 * i + 1]``
+        are metric ``i``'s scores and delta.
     """
-    tables = []
+    tables, (na, nb), summaries = _pair(eval_dirs_a, eval_dirs_b)
+    means = pd.concat(tables).groupby(["model", "gene"], sort=False).mean(numeric_only=True)
+    blocks = []
     for metric in metrics:
-        res, (na, nb), summaries = _comparison(eval_dirs_a, eval_dirs_b, metric)
-        s1 = res["s1"].set_index("gene")
-        lab = metric_label(metric).replace(" (pooled)", "").replace(" (per tile)", " tile")
-        tables.append(
-            pd.DataFrame(
-                {f"{lab} {na}": s1[f"{metric}_{na}"], f"{lab} {nb}": s1[f"{metric}_{nb}"], f"Δ {lab}": s1["delta"]}
-            )
+        res = _compare(tables, (na, nb), metric)
+        require(means, [metric + "_null"], "per_gene.csv")
+        scores = pd.DataFrame(
+            {
+                label: means.loc[model, col]
+                for col, what in ((metric, ""), (metric + "_null", "null "))
+                for model, label in ((na, f"{what}A"), (nb, f"{what}B"))  # short: names are in the title
+            }
         )
-    wide = pd.concat(tables, axis=1)
-    first_delta = [c for c in wide.columns if c.startswith("Δ")][0]
-    wide = wide.sort_values(first_delta, ascending=False, na_position="last", kind="stable")
-    deltas = [c for c in wide.columns if c.startswith("Δ")]
-    values = wide.drop(columns=deltas)
-    fig = Figure(figsize=(2 + 1.1 * wide.shape[1], 1.5 + 0.22 * len(wide)), layout="constrained")
-    ax, dx = fig.subplots(1, 2, width_ratios=[values.shape[1], len(deltas)])
-    annot = len(wide) <= 80
-    sns.heatmap(
-        values.astype(float),
-        ax=ax,
-        cmap="viridis",
-        annot=annot,
-        fmt=".2f",
-        annot_kws={"fontsize": 6},
-        yticklabels=True,
-        cbar_kws={"label": "score", "shrink": 0.5},
-    )
-    lim = np.nanmax(np.abs(wide[deltas].to_numpy(dtype=float))) if wide[deltas].notna().any().any() else 1.0
-    sns.heatmap(
-        wide[deltas].astype(float),
-        ax=dx,
-        cmap="RdBu_r",
-        center=0,
-        vmin=-lim,
-        vmax=lim,
-        annot=annot,
-        fmt="+.2f",
-        annot_kws={"fontsize": 6},
-        yticklabels=False,
-        cbar_kws={"label": f"Δ ({nb} − {na})", "shrink": 0.5},
-    )
-    ax.set_ylabel("gene")
-    dx.set_ylabel("")
-    ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(
-        f"{nb} vs {na}, means over folds; genes sorted by {first_delta}\n{protocol_line(summaries, 80)}", fontsize=8
+        blocks.append((metric, scores, res["s1"].set_index("gene")["delta"].rename("Δ B − A")))
+    order = blocks[0][2].sort_values(ascending=False, na_position="last", kind="stable").index
+    n_cols = sum(s.shape[1] + 1 for _, s, _ in blocks)
+    fig = Figure(figsize=(2.5 + 1.6 * len(metrics) + 0.55 * n_cols, 2.4 + 0.22 * len(order)), layout="constrained")
+    axes = fig.subplots(1, 2 * len(blocks), width_ratios=[w for _, s, _ in blocks for w in (s.shape[1], 1.2)])
+    annot = len(order) <= 80
+    for i, (metric, scores, delta) in enumerate(blocks):
+        scores, delta = scores.reindex(order), delta.reindex(order).to_frame()
+        label = metric_label(metric)
+        _heatmap_block(axes[2 * i], scores, annot, ".2f", label, cmap="viridis")
+        finite = delta.to_numpy(dtype=float)
+        lim = np.nanmax(np.abs(finite)) if np.isfinite(finite).any() else 1.0
+        _heatmap_block(
+            axes[2 * i + 1], delta, annot, "+.2f", wrap(f"Δ {label}", 24), cmap="RdBu_r", center=0, vmin=-lim, vmax=lim
+        )
+        axes[2 * i].set_title(label, fontsize=8)
+    axes[0].set_yticks(np.arange(len(order)) + 0.5, order, fontsize=7)
+    axes[0].set_ylabel("gene", fontsize=8)
+    suptitle(
+        fig,
+        f"B = {nb} vs A = {na}, means over folds; genes sorted by Δ {metric_label(metrics[0])}; one colour scale "
+        f"per metric; 'null' columns: each model's label-shuffle null\n{protocol_line(summaries, 80)}",
+        fontsize=8,
     )
     save(fig, out_prefix, formats)
     return fig

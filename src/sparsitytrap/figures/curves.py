@@ -7,7 +7,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from ..errors import InputError
-from ._common import FORMATS, require, save
+from ._common import FORMATS, require, save, suptitle
 
 
 def training_curves(log_csvs, out_prefix, formats=FORMATS):
@@ -55,8 +55,8 @@ def training_curves(log_csvs, out_prefix, formats=FORMATS):
             axes[i, j].set_ylabel(col)
         axes[-1, j].set_xlabel("epoch")
     axes[0, 0].legend(fontsize=6)
-    fig.suptitle(
-        "Training (solid) and validation (dashed: held-out blocks of the training patients) per fold", fontsize=9
+    suptitle(
+        fig, "Training (solid) and validation (dashed: held-out blocks of the training patients) per fold", fontsize=9
     )
     save(fig, out_prefix, formats)
     return fig

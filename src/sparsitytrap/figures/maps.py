@@ -15,10 +15,12 @@ from ..bins import pool_mask, sum_pool
 from ..errors import InputError
 from ..stores.predictions import open_predictions
 from ..stores.tiles import open_tiles
-from ._common import FORMATS, metric_label, read_evaluations, save
+from ._common import COUNT_SCALE, FORMATS, NA, metric_label, read_evaluations, relative_models, save, suptitle
 
 GENES_KEY = "figures.mosaic_genes"
 OFF_TISSUE = "lightgrey"
+#: Top of a panel's own colour scale: this percentile of its tissue values (a few hot bins do not set it).
+SCALE_PERCENTILE = 99
 
 
 def gene_index(genes, gene, key=GENES_KEY, source="tile store"):
@@ -42,25 +44,42 @@ def _image_tile(image, px):
 
 
 def _predictions(predictions, tiles, tiles_zarr):
-    """Open each prediction store, checking shape, genes and sample against the tile store."""
+    """Open each prediction store (name -> PredictionStore), checking shape, genes and sample against the tiles."""
     out = {}
     for name, path in predictions.items():
         store = open_predictions(path, tiles.counts.shape)
-        rates, attrs = store.rates, store.attrs
+        attrs = store.attrs
         if attrs.get("genes") is not None and list(attrs["genes"]) != tiles.genes:
             raise InputError(path, f"genes differ from those of {tiles_zarr}")
         if attrs.get("sample") and tiles.sample and attrs["sample"] != tiles.sample:
             raise InputError(path, f"predicts sample {attrs['sample']!r}, not {tiles.sample!r}")
-        out[name] = rates
+        out[name] = store
     return out
 
 
-def _scale(panels, shared):
-    """(vmin, vmax) per panel: the 99.5th percentile of the tissue values, shared or per panel."""
+def _tile_rates(store, tiles, t, g):
+    """2 µm rates of gene ``g`` on tile ``t``: cut from the seamless stitched map where the store has one.
+
+    Tile by tile, each tile's rates carry the seams of tile-wise prediction; the stitched map
+    (overlapping windows blended, :func:`sparsitytrap.predict.stitch`) has none.
+    """
+    if store.stitched is None:
+        return store.rates[t, g]
+    side = int(tiles.counts.shape[-1])
+    r, c = (int(v) for v in np.asarray(tiles.bin_origin[t]) - store.attrs["stitched"]["origin"])
+    return store.stitched[g, r : r + side, c : c + side]
+
+
+def _scale(panels, shared, q=SCALE_PERCENTILE):
+    """(vmin, vmax) per panel: 0 to the ``q``-th percentile of the tissue values, of all panels or of each.
+
+    Where the percentile is 0 (a very sparse gene), the maximum; where everything is 0, 1.
+    """
 
     def top(arrays):
         v = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays])
-        hi = float(np.percentile(v, 99.5)) if v.size else 1.0
+        hi = float(np.percentile(v, q)) if v.size else 0.0
+        hi = hi if hi > 0 else float(v.max(initial=0.0))
         return (0.0, hi if hi > 0 else 1.0)
 
     return [top(panels)] * len(panels) if shared else [top([p]) for p in panels]
@@ -76,19 +95,69 @@ def _show(ax, data, title, vlim=None, extent=None, cmap="magma"):
         extent=extent,
         interpolation="nearest",
     )
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     return im
 
 
-def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=True, pool=4, he_px=64, formats=FORMATS):
+def _unit(name, um, relative):
+    if name == "truth":
+        return f"counts per {um:g} µm bin"
+    return f"exp(score) per {um:g} µm bin (relative)" if name in relative else f"rate per {um:g} µm bin"
+
+
+def _colorbar(fig, im, ax, label):
+    bar = fig.colorbar(im, ax=ax, shrink=0.75, pad=0.02)
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    return bar
+
+
+def _draw_maps(fig, axes, maps, titles, shared, um, relative=(), extent=None):
+    """Draw ``maps`` (name -> 2-D array) on ``axes``, each with its own colour scale and bar, or one shared.
+
+    Per panel (the default): each map from 0 to its own 99th percentile, so a Poisson model's
+    rates of ~0.05 show their structure beside counts and saturated MSE maps. Shared: the maps of
+    counts and rates on one scale and one colour bar; a ranking model's relative scores
+    (``relative``) always keep their own.
+    """
+    counted = [n for n in maps if n not in relative]
+    vlims = dict(zip(counted, _scale([maps[n] for n in counted], shared)))
+    ims = {}
+    for ax, (name, data) in zip(axes, maps.items()):
+        vlim = vlims[name] if name in vlims else _scale([data], False)[0]
+        ims[name] = _show(ax, data, titles[name], vlim, extent)
+        if not shared or name in relative:
+            _colorbar(fig, ims[name], ax, _unit(name, um, relative))
+    if shared and counted:
+        shared_axes = [ax for ax, name in zip(axes, maps) if name in vlims]
+        _colorbar(fig, ims[counted[-1]], shared_axes, f"counts and rates per {um:g} µm bin (one scale)")
+
+
+def _scale_note(shared):
+    return (
+        "one colour scale shared by the panels"
+        if shared
+        else f"each panel its own scale (0 to its {SCALE_PERCENTILE}th percentile)"
+    )
+
+
+def _grid(n, max_cols=4):
+    """(rows, cols) of a near-square grid of ``n`` panels, at most ``max_cols`` wide."""
+    cols = min(max_cols, int(np.ceil(np.sqrt(n))))
+    return int(np.ceil(n / cols)), cols
+
+
+def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=False, pool=4, he_px=64, formats=FORMATS):
     """Whole-slide mosaic of one gene: H&E | truth | each model, tiles on their grid positions.
 
     Tiles are read one at a time. Expression is sum-pooled over ``pool x pool`` bins (counts
     and predicted rates alike; 4: 8 µm bins); off-tissue bins and grid cells without a tile are
-    grey. One colour scale is shared by the truth and every model (99.5th percentile of their
-    tissue values) unless ``shared_scale`` is false.
+    grey. A model's rates come from its seamless stitched map where its store has one (title
+    "stitched"), else from its tiles. Each panel has its own colour scale and bar (0 to its 99th
+    percentile of tissue values) unless ``shared_scale``; panels wrap onto a near-square grid of
+    at most 4 columns.
 
     Parameters
     ----------
@@ -101,7 +170,8 @@ def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=True, pool=4,
     out_prefix
         Output path without extension.
     shared_scale
-        One colour scale per gene (config ``figures.shared_scale``), else one per panel.
+        One colour scale for the truth and every model that predicts counts (config
+        ``figures.shared_scale``), else one per panel.
     pool
         Display bin size in 2 µm bins.
     he_px
@@ -112,6 +182,7 @@ def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=True, pool=4,
     Returns
     -------
     matplotlib.figure.Figure
+        ``fig.axes[0]`` is the H&E, ``fig.axes[1]`` the truth, then the models in order.
     """
     tiles = open_tiles(tiles_zarr)
     g = gene_index(tiles.genes, gene, source=str(tiles_zarr))
@@ -128,35 +199,32 @@ def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=True, pool=4,
         m = np.asarray(tiles.mask[t])
         he[r * he_px : (r + 1) * he_px, c * he_px : (c + 1) * he_px] = _image_tile(tiles.images[t], he_px)
         maps["truth"][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(tiles.counts[t, g], m, pool)
-        for name, rates in preds.items():
-            maps[name][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(rates[t, g], m, pool)
+        for name, store in preds.items():
+            maps[name][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(_tile_rates(store, tiles, t, g), m, pool)
     extent = (0, cols, rows, 0)
-    # a ranking model's exp(score) is not a count: it gets its own scale, or it would set everyone's
-    relative = {n for n, p in predictions.items() if open_predictions(p).relative}
-    counted = [n for n in maps if n not in relative]
-    shared = dict(zip(counted, _scale([maps[n] for n in counted], shared_scale)))
-    vlims = [shared[n] if n in shared else _scale([maps[n]], False)[0] for n in maps]
-    fig = Figure(figsize=(3.2 * (len(maps) + 1), 3.4 * rows / max(cols, 1) + 0.8), layout="constrained")
-    axes = fig.subplots(1, len(maps) + 1)
+    relative = {n for n, store in preds.items() if store.relative}
+    stitched = {n for n, store in preds.items() if store.stitched is not None}
+    n_rows, n_cols = _grid(len(maps) + 1)
+    panel = 2.8
+    fig = Figure(
+        figsize=(n_cols * (panel + 0.9), n_rows * (panel * rows / max(cols, 1) + 0.5) + 0.7), layout="constrained"
+    )
+    axes = list(fig.subplots(n_rows, n_cols, squeeze=False).ravel())
+    for spare in axes[len(maps) + 1 :]:
+        fig.delaxes(spare)
     axes[0].imshow(he, extent=extent)
-    axes[0].set_title("H&E", fontsize=8)
+    axes[0].set_title("H&E", fontsize=9)
     axes[0].set_xticks([]), axes[0].set_yticks([])
-    for ax, (name, data), vlim in zip(axes[1:], maps.items(), vlims):
-        title = "truth (counts)" if name == "truth" else name + (" (relative, own scale)" if name in relative else "")
-        im = _show(ax, data, title, vlim, extent)
-        if not shared_scale or name in relative:
-            fig.colorbar(im, ax=ax, shrink=0.6)
-        else:
-            shared_im = im
-    if shared_scale:
-        fig.colorbar(
-            shared_im,
-            ax=[a for a, n in zip(axes[1:], maps) if n not in relative],
-            shrink=0.6,
-            label=f"sum per {2 * pool:g} µm bin",
-        )
-    scale = "one colour scale shared by all panels" if shared_scale else "one colour scale per panel"
-    fig.suptitle(f"{gene}, sample {tiles.sample}: {2 * pool:g} µm bins; {scale}; grey: off tissue", fontsize=9)
+    titles = {
+        n: n + (" (relative scores)" if n in relative else "") + (" (stitched)" if n in stitched else "") for n in preds
+    }
+    titles = {"truth": "truth (counts)", **titles}
+    _draw_maps(fig, axes[1 : len(maps) + 1], maps, titles, shared_scale, 2 * pool, relative, extent)
+    suptitle(
+        fig,
+        f"{gene}, sample {tiles.sample}: {2 * pool:g} µm bins; {_scale_note(shared_scale)}; grey: off tissue",
+        fontsize=10,
+    )
     save(fig, out_prefix, formats)
     return fig
 
@@ -165,6 +233,14 @@ def _tile_totals(tiles):
     """Masked total count per (tile, gene), read tile by tile: ``[T, G]``."""
     counts, mask = tiles.counts, tiles.mask
     return np.stack([(np.asarray(counts[t]) * np.asarray(mask[t])[None]).sum((1, 2)) for t in range(counts.shape[0])])
+
+
+def _na_figure(message, out_prefix, formats):
+    """A figure that says why there is nothing to draw (n/a), instead of a misleading one."""
+    fig = Figure(figsize=(8, 1.5), layout="constrained")
+    fig.text(0.5, 0.5, message, ha="center", va="center", fontsize=10, wrap=True)
+    save(fig, out_prefix, formats)
+    return fig
 
 
 def rescue_panels(
@@ -177,9 +253,14 @@ def rescue_panels(
     top_k=4,
     metric="pcc_2um_pooled",
     pool=1,
+    shared_scale=False,
     formats=FORMATS,
 ):
     """H&E, truth, model A, model B for the top-k genes by delta (B - A), each on the tile where it is most expressed.
+
+    Each map has its own colour scale and bar (0 to its 99th percentile) unless ``shared_scale``
+    (then truth and both models share one per gene, a ranking model keeping its own). A metric a
+    ranking model has no value for (its SSIM) ranks nothing: the figure says "n/a".
 
     Parameters
     ----------
@@ -197,6 +278,8 @@ def rescue_panels(
         Metric whose delta ranks the genes.
     pool
         Display bin size in 2 µm bins (1: native).
+    shared_scale
+        One colour scale per gene for truth and both models (config ``figures.shared_scale``).
     formats
         File formats.
 
@@ -212,38 +295,48 @@ def rescue_panels(
         if s.get("test_sample") != tiles.sample:
             raise InputError(s["dir"], f"evaluates sample {s.get('test_sample')!r}, not {tiles.sample!r}")
     na, nb = sa[0]["model"], sb[0]["model"]
+    relative = relative_models(sa + sb)
     delta = b.set_index("gene")[metric] - a.set_index("gene")[metric]
     top = delta.dropna().sort_values(ascending=False, kind="stable").head(int(top_k))
+    if top.empty and relative and metric in COUNT_SCALE:
+        names = ", ".join(sorted(relative))
+        return _na_figure(
+            f"{NA}: {metric_label(metric)} needs counts; {names} gives relative scores", out_prefix, formats
+        )
     if top.empty:
         raise InputError(eval_dir_b, f"no gene has a finite {metric} in both evaluations")
     preds = _predictions({na: pred_a, nb: pred_b}, tiles, tiles_zarr)
     totals = _tile_totals(tiles)
-    fig = Figure(figsize=(10, 2.6 * len(top) + 0.6), layout="constrained")
+    fig = Figure(figsize=(4 * (3.3 if shared_scale else 3.7), 3.2 * len(top) + 0.6), layout="constrained")
     axes = fig.subplots(len(top), 4, squeeze=False)
+    titles = {"truth": "truth (counts)", na: na, nb: nb}
+    titles = {n: t + (" (relative scores)" if n in relative else "") for n, t in titles.items()}
     for row, (gene, dv) in zip(axes, top.items()):
         g = genes.index(gene)
         t = int(np.argmax(totals[:, g]))
         m = np.asarray(tiles.mask[t])
-        maps = [_pool(tiles.counts[t, g], m, pool)] + [_pool(p[t, g], m, pool) for p in preds.values()]
+        maps = {"truth": _pool(tiles.counts[t, g], m, pool)} | {
+            n: _pool(p.rates[t, g], m, pool) for n, p in preds.items()
+        }
         row[0].imshow(np.asarray(tiles.images[t]))
         row[0].set_xticks([]), row[0].set_yticks([])
         row[0].set_title(
-            f"{gene}: Δ = {dv:+.3f}\nH&E, tile {t} (grid {tuple(int(v) for v in tiles.grid[t])})", fontsize=8
+            f"{gene}: Δ = {dv:+.3f}\nH&E, tile {t} (grid {tuple(int(v) for v in tiles.grid[t])})", fontsize=9
         )
-        vlim = _scale(maps, True)[0]
-        for ax, data, title in zip(row[1:], maps, ["truth (counts)", na, nb]):
-            im = _show(ax, data, title, vlim)
-        fig.colorbar(im, ax=list(row[1:]), shrink=0.8)
-    fig.suptitle(
+        _draw_maps(fig, row[1:], maps, titles, shared_scale, 2 * pool, relative)
+    suptitle(
+        fig,
         f"Top {len(top)} genes by Δ {metric_label(metric)} ({nb} − {na}), fold {sa[0]['fold']}; "
-        f"each on its tile with the most counts; {2 * pool:g} µm bins",
-        fontsize=9,
+        f"each on its tile with the most counts; {2 * pool:g} µm bins; {_scale_note(shared_scale)}",
+        fontsize=10,
     )
     save(fig, out_prefix, formats)
     return fig
 
 
-def multiscale_panels(tiles_zarr, pred_zarr, genes, out_prefix, model=None, genes_key=GENES_KEY, formats=FORMATS):
+def multiscale_panels(
+    tiles_zarr, pred_zarr, genes, out_prefix, model=None, genes_key=GENES_KEY, shared_scale=False, formats=FORMATS
+):
     """Truth and prediction at 8, 4 and 2 µm for each gene, on the tile where the gene has the most counts.
 
     Parameters
@@ -260,6 +353,9 @@ def multiscale_panels(tiles_zarr, pred_zarr, genes, out_prefix, model=None, gene
         Model name for titles (default: the store's ``model`` attribute, else its folder).
     genes_key
         Config key the genes come from (for error messages).
+    shared_scale
+        Truth and prediction on one colour scale at each bin size, else each map its own
+        (0 to its 99th percentile: the predicted rates of a Poisson model are far below the counts).
     formats
         File formats.
 
@@ -275,23 +371,25 @@ def multiscale_panels(tiles_zarr, pred_zarr, genes, out_prefix, model=None, gene
     store = open_predictions(pred_zarr, tiles.counts.shape)
     rates, attrs = store.rates, store.attrs
     model = model or attrs.get("model") or Path(pred_zarr).parent.parent.name
+    relative = {model} if store.relative else set()
     totals = _tile_totals(tiles)
     scales = (4, 2, 1)
-    fig = Figure(figsize=(9, 5.2 * len(genes) + 0.4), layout="constrained")
+    fig = Figure(figsize=(3 * 3.6, 6 * len(genes) + 0.5), layout="constrained")
     axes = fig.subplots(2 * len(genes), len(scales), squeeze=False)
     for i, (gene, g) in enumerate(zip(genes, idx)):
         t = int(np.argmax(totals[:, g]))
         m = np.asarray(tiles.mask[t])
         for j, k in enumerate(scales):
-            maps = [_pool(tiles.counts[t, g], m, k), _pool(rates[t, g], m, k)]
-            vlim = _scale(maps, True)[0]  # per scale: sums grow with the bin area
-            for r, (data, what) in enumerate(zip(maps, ("truth", model))):
-                im = _show(axes[2 * i + r, j], data, f"{gene} {what}, {2 * k} µm (tile {t})", vlim)
-            fig.colorbar(im, ax=[axes[2 * i, j], axes[2 * i + 1, j]], shrink=0.7)
-    fig.suptitle(
-        f"{model}, sample {tiles.sample}: sums over 8, 4, 2 µm bins; "
-        "colour scale shared by truth and prediction at each scale",
-        fontsize=9,
+            maps = {"truth": _pool(tiles.counts[t, g], m, k), model: _pool(rates[t, g], m, k)}
+            titles = {n: f"{'truth' if n == 'truth' else 'prediction'}, {2 * k} µm" for n in maps}
+            _draw_maps(fig, axes[2 * i : 2 * i + 2, j], maps, titles, shared_scale, 2 * k, relative)
+        for r, what in enumerate(("truth (counts)", "prediction")):
+            axes[2 * i + r, 0].set_ylabel(f"{gene}, tile {t}\n{what}", fontsize=9)
+    suptitle(
+        fig,
+        f"{model}, sample {tiles.sample}: sums over 8, 4, 2 µm bins, each gene on its tile with the most counts; "
+        + ("truth and prediction on one colour scale at each bin size" if shared_scale else _scale_note(False)),
+        fontsize=10,
     )
     save(fig, out_prefix, formats)
     return fig
