@@ -147,11 +147,12 @@ def read_bins(table, sdata_zarr):
 
 
 def _dataset_id(bins, sdata_zarr):
-    region = bins["region"]
-    suffix = f"_{TABLE}"
-    if not region or not str(region).endswith(suffix):
+    """``{id}`` of the region the 2 um table annotates: ``{id}_square_002um`` (shapes) or ``..._labels``."""
+    region = str(bins["region"] or "").removesuffix("_labels")
+    suffix = "_" + TABLE
+    if not region.endswith(suffix):
         raise InputError(sdata_zarr, "cannot infer the dataset id from obs['region']: pass dataset_id")
-    return str(region)[: -len(suffix)]
+    return region[: -len(suffix)]
 
 
 def _gene_columns(table, genes, genes_csv, sdata_zarr):

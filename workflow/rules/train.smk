@@ -55,6 +55,7 @@ rule predict:
         weights=f"{R}/models/{{model}}/{{fold}}/best.safetensors",
         tiles=lambda wc: f"{R}/tiles/{test_sample(wc.fold)}.zarr",
         features=lambda wc: f"{R}/features/{ENCODER}/{test_sample(wc.fold)}.zarr",
+        sdata=lambda wc: f"{R}/sdata/{test_sample(wc.fold)}.zarr",  # the H&E of the overlapping windows
     output:
         directory(f"{R}/models/{{model}}/{{fold}}/predictions.zarr"),
     log:
@@ -70,6 +71,7 @@ rule predict:
     params:
         model=model_params,
         encoder=stconfig.encoder_config(config),
+        prediction=config["prediction"],
     script:
         "../scripts/predict.py"
 
@@ -77,6 +79,7 @@ rule predict:
 rule overlay:
     input:
         tiles=lambda wc: f"{R}/tiles/{test_sample(wc.fold)}.zarr",
+        sdata=lambda wc: f"{R}/sdata/{test_sample(wc.fold)}.zarr",
         preds=expand(
             f"{R}/models/{{model}}/{{{{fold}}}}/predictions.zarr", model=MODELS
         ),
