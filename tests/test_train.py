@@ -510,3 +510,21 @@ def load_file_meta(path):
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
+
+
+def test_decoder_input_is_standardised_with_the_training_tokens(straight_run, cohort):
+    out, _, _ = straight_run
+    weights = load_file(str(out / "best.safetensors"))
+    tiles = [cohort / "tiles" / f"{s}.zarr" for s in ("P1", "P2")]
+    features = [cohort / "features" / "tiny" / f"{s}.zarr" for s in ("P1", "P2")]
+    train_set, val_set, _ = split_samples(tiles, features, 0.25, 2, 0)  # make_config's split
+
+    def tokens(dataset):  # [D, tokens of every tile], identity view
+        grids = [dataset[(i, 0)]["x"].numpy() for i in range(len(dataset))]
+        return np.concatenate([g.reshape(g.shape[0], -1) for g in grids], axis=1)
+
+    train = tokens(train_set).astype(np.float64)
+    np.testing.assert_allclose(weights["token_norm.mean"].numpy(), train.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weights["token_norm.std"].numpy(), train.std(1), rtol=1e-4, atol=1e-6)
+    with_val = np.concatenate([train, tokens(val_set)], axis=1)  # validation tiles would move the statistics
+    assert not np.allclose(weights["token_norm.mean"].numpy(), with_val.mean(1), rtol=1e-5, atol=1e-6)

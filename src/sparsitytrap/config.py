@@ -201,7 +201,7 @@ def _check_references(config, source):
             if name not in fold_names(config):
                 raise InputError(f"{source}: figures.folds", f"{name!r} is not a fold (folds are {fold_names(config)})")
     gs = config["genes"]["samples"]
-    if gs != "all":
+    if isinstance(gs, list):  # "all" and "training" name no sample
         for sid in gs:
             if sid not in config["samples"]:
                 raise InputError(f"{source}: genes.samples", f"sample {sid!r} is not declared under samples")

@@ -47,6 +47,23 @@ def to_rate(out, output):
     raise InputError("output", f"unknown decoder output {output!r}; known: {OUTPUTS}")
 
 
+class TokenStandardizer(nn.Module):
+    """Per-channel standardisation of the token grid with the training tiles' mean and std.
+
+    Buffers (saved with the weights): training sets them once from the training tokens
+    (:func:`sparsitytrap.training.job.token_statistics`), prediction reuses them; the start is the
+    identity. It removes the offset all tokens of a channel share and brings every channel to unit spread.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, tokens):
+        return (tokens - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+
 class _Head(nn.Module):
     """1x1 convolution to genes, with the output space's activation and bias start."""
 
@@ -188,6 +205,7 @@ class Hist2STDecoder(nn.Module):
             raise InputError("decoder.n_heads", f"hidden {hidden} is not divisible by n_heads {n_heads}")
         self.hidden, self.k, self.output = hidden, k, output
         self.start = _check_out_size(out_size)
+        self.token_norm = TokenStandardizer(in_dim)
         cnn_dims = tuple(cnn_dims or (2 * hidden, hidden, hidden // 2))
         widths = (in_dim, *cnn_dims)
         self.cnn = nn.Sequential(*[_gelu_conv(a, b) for a, b in zip(widths[:-1], widths[1:])])
@@ -214,6 +232,7 @@ class Hist2STDecoder(nn.Module):
     def forward(self, tokens):
         """Map a token grid ``[B, D, h, w]`` to ``[B, G, out_size, out_size]``."""
         b, _, h, w = tokens.shape
+        tokens = self.token_norm(tokens)
         seq = tokens.flatten(2).transpose(1, 2)  # [B, h*w, D]
         cnn = self.cnn(tokens)
         trans = self.transformer(self.token_proj(seq) + sincos_2d(h, w, self.hidden, tokens.device).to(seq.dtype))
@@ -249,6 +268,7 @@ class Img2STDecoder(nn.Module):
         super().__init__()
         self.output = output
         self.start = _check_out_size(out_size)
+        self.token_norm = TokenStandardizer(in_dim)
         self.proj = nn.Conv2d(in_dim, width, 1)
         self.enc1 = _conv_block(width, width)
         self.enc2 = _conv_block(width, width)
@@ -259,7 +279,7 @@ class Img2STDecoder(nn.Module):
 
     def forward(self, tokens):
         """Map a token grid ``[B, D, h, w]`` to ``[B, G, out_size, out_size]``."""
-        x = _resize(self.proj(tokens), self.start)  # 14x14 grids are brought to out_size/8
+        x = _resize(self.proj(self.token_norm(tokens)), self.start)  # 14x14 grids are brought to out_size/8
         skip = self.enc1(x)
         deep = self.enc2(F.max_pool2d(skip, 2))
         deep = F.interpolate(deep, size=skip.shape[-2:], mode="bilinear", align_corners=False)

@@ -200,9 +200,11 @@ def write_predictions(
     dev = resolve_device(device)
     model, meta = load_model(weights, dev)
     root = open_tiles(tiles)
-    n_tiles, genes, side = root.n_tiles, root.genes, root.tile_bins
-    if genes != meta["genes"]:
-        raise InputError(tiles, "genes differ from those the model was trained on")
+    # the model's genes: its fold's selection, all among the tile store's (the folds' union)
+    n_tiles, genes, side = root.n_tiles, meta["genes"], root.tile_bins
+    missing = [g for g in genes if g not in set(root.genes)]
+    if missing:
+        raise InputError(tiles, f"{len(missing)} genes the model was trained on are not in it, e.g. {missing[0]!r}")
     tokens_of = _token_source(root, features, encoder_cfg, n_tiles, int(meta["in_dim"]), dev)
     relative = meta["output"] == "score"
     with atomic_path(out_zarr) as tmp:
@@ -218,7 +220,7 @@ def write_predictions(
             _same_encoder(features, encoder_cfg)
             windows = window_grid(root, settings["stride_bins"])
             rows_of = _window_rates(root, rates, windows, sdata, (model, meta), encoder_cfg, tta, batch_size, dev)
-            stitched = stitch(tmp, root, rows_of, settings)
+            stitched = stitch(tmp, root, rows_of, settings, len(genes))
         prediction_store.finish(
             tmp,
             {
@@ -339,8 +341,8 @@ def _encode(encoder, images, view, device, cache_precision=True):
     return tokens.half().float() if cache_precision else tokens
 
 
-def stitch(tmp, root, rows_of, settings):
-    """Blend the windows of `rows_of` into the ``stitched`` [G, rows, cols] map of a predictions store.
+def stitch(tmp, root, rows_of, settings, n_genes):
+    """Blend the windows of `rows_of` into the ``stitched`` [n_genes, rows, cols] map of a predictions store.
 
     Window rows come in ascending order, so once a row of windows is added the `stride` bin rows above
     the next one are final: only one window-high band of the map is held in memory.
@@ -354,8 +356,8 @@ def stitch(tmp, root, rows_of, settings):
     lo, (height, width) = extent(root)
     edge = WINDOWS[settings["window"]](side)
     weight = np.outer(edge, edge).astype(np.float32)
-    out = prediction_store.create_stitched(tmp, (len(root.genes), height, width), side)
-    acc = np.zeros((len(root.genes), side, width + 2 * side), dtype=np.float32)  # cols from lo[1] - side
+    out = prediction_store.create_stitched(tmp, (n_genes, height, width), side)
+    acc = np.zeros((n_genes, side, width + 2 * side), dtype=np.float32)  # cols from lo[1] - side
     wsum = np.zeros(acc.shape[1:], dtype=np.float32)
     n_windows, a = 0, None
     for a, windows in rows_of:
@@ -533,7 +535,9 @@ def _table(path, root, bins, obs, centre):
     import pandas as pd
     from spatialdata.models import TableModel
 
-    store = open_predictions(path, (root.n_tiles, len(root.genes), root.tile_bins, root.tile_bins))
+    store = open_predictions(path)
+    if store.rates.shape[0] != root.n_tiles or store.rates.shape[2:] != (root.tile_bins, root.tile_bins):
+        raise InputError(path, f"its tiles differ from the tile store's ({root.n_tiles} of {root.tile_bins} bins)")
     rows, cols, tile_of = bins
     if store.stitched is not None:
         r0, c0 = store.attrs["stitched"]["origin"]

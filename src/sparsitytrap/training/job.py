@@ -117,7 +117,12 @@ def _build(model_cfg, tiles, features, out_dir, encoder_cfg, fold, device):
     shuffle = torch.Generator().manual_seed(seed)
     on_the_fly = encodes_on_the_fly(model_cfg)
     train_set, val_set, info = split_samples(
-        tiles, features, t.get("val_fraction", 0.2), t.get("val_block_tiles", 2), seed, on_the_fly,
+        tiles,
+        features,
+        t.get("val_fraction", 0.2),
+        t.get("val_block_tiles", 2),
+        seed,
+        on_the_fly,
         genes=model_cfg.get("genes"),  # the fold's own selection (genes.samples: training)
     )
     encoder = jitter = None
@@ -125,6 +130,9 @@ def _build(model_cfg, tiles, features, out_dir, encoder_cfg, fold, device):
         encoder, jitter = _build_encoder(encoder_cfg, device)
         info["dim"] = encoder.dim
     loss, model, decoder_kwargs = _build_model(model_cfg, info, device)
+    mean, std = token_statistics(train_set, encoder)
+    model.token_norm.mean.copy_(mean)
+    model.token_norm.std.copy_(std)
     params = list(model.parameters()) + [p for p in loss.parameters() if p.requires_grad]  # + NB dispersions
     optimizer, scheduler = build_optimizer(params, t, len(train_set))
     n_genes = len(info["genes"])
@@ -163,6 +171,27 @@ def _build_model(model_cfg, info, device):
     decoder_kwargs = {**model_cfg.get("decoder_kwargs", {}), "out_size": info["tile_bins"]}
     model = build_decoder(model_cfg["decoder"], info["dim"], n_genes, loss.output, **decoder_kwargs).to(device)
     return loss, model, decoder_kwargs
+
+
+@torch.no_grad()
+def token_statistics(dataset, encoder=None):
+    """Per-channel mean and std of the training tiles' tokens (identity view): the decoder's input standardisation.
+
+    Training tiles only (never validation or test); float64 sums, so the result does not depend on the
+    tile order. `encoder` encodes the images when there is no feature cache (colour jitter).
+    """
+    from ..encoder import token_grid
+
+    total = squares = 0.0
+    n = 0
+    for i in range(len(dataset)):
+        x = dataset[(i, 0)]["x"]
+        x = token_grid(encoder, x[None])[0] if encoder is not None else x
+        flat = x.flatten(1).double()  # [D, h*w]
+        total, squares, n = total + flat.sum(1), squares + flat.square().sum(1), n + flat.shape[1]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp(min=0).sqrt()
+    return mean.float(), std.clamp(min=1e-6).float()  # a constant channel stays finite
 
 
 def at_train_um(loss, training):
