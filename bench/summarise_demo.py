@@ -4,6 +4,7 @@ the per-gene metrics with nulls and ceilings, validation metrics, and time per r
     .venv/bin/python bench/summarise_demo.py [results]
 """
 
+import argparse
 import glob
 import json
 import sys
@@ -11,13 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
-RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
 METRICS = ["pcc_2um_pooled", "pcc_4um_pooled", "pcc_8um_pooled", "ssim_2um_pertile", "ratio_pooled"]
 
 
-def evaluation_table():
+def evaluation_table(results):
     rows = []
-    for path in sorted(RESULTS.glob("eval/*/*/summary.json")):
+    for path in sorted(results.glob("eval/*/*/summary.json")):
         s = json.loads(path.read_text())
         g = pd.read_csv(path.parent / "per_gene.csv")
         row = {"model": s["model"], "fold": s["fold"], "relative": s.get("relative_scores", False)}
@@ -46,9 +46,9 @@ def evaluation_table():
     return "\n".join(out)
 
 
-def validation_table():
+def validation_table(results):
     rows = []
-    for path in sorted(RESULTS.glob("models/*/*/metrics_val.json")):
+    for path in sorted(results.glob("models/*/*/metrics_val.json")):
         v = json.loads(path.read_text())
         rows.append(
             {
@@ -61,10 +61,10 @@ def validation_table():
     return df.groupby("model", sort=False).mean(numeric_only=True).round(4).to_markdown()
 
 
-def time_table():
+def time_table(results):
     rows = []
-    for path in glob.glob(str(RESULTS / "benchmarks" / "**" / "*.tsv"), recursive=True):
-        rule = Path(path).relative_to(RESULTS / "benchmarks").parts[0]
+    for path in glob.glob(str(results / "benchmarks" / "**" / "*.tsv"), recursive=True):
+        rule = Path(path).relative_to(results / "benchmarks").parts[0]
         b = pd.read_csv(path, sep="\t")
         rows.append({"rule": rule, "s": b["s"].iloc[-1], "max_rss_mb": b["max_rss"].iloc[-1]})
     df = (
@@ -75,10 +75,19 @@ def time_table():
     return df.round(1).to_markdown()
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="?", default="results", help="the run's results folder (default: results)")
+    results = Path(p.parse_args(argv).results)
+    if not any(results.glob("eval/*/*/summary.json")):
+        sys.exit(f"summarise_demo: error: {results}: no eval/*/*/summary.json (run the workflow first)")
     print("## Held-out evaluation (mean over genes; mean ± SD over folds)\n")
-    print(evaluation_table())
+    print(evaluation_table(results))
     print("\n## Validation metrics (metrics_val.json, mean over folds)\n")
-    print(validation_table())
+    print(validation_table(results))
     print("\n## Time per rule (snakemake benchmark files)\n")
-    print(time_table())
+    print(time_table(results))
+
+
+if __name__ == "__main__":
+    main()

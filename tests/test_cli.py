@@ -13,6 +13,7 @@ from test_evaluate import smooth_rates, write_pred, write_tiles
 from test_figures import run  # noqa: F401  (the module-scoped fixture: two folds, two models)
 
 from sparsitytrap import cli
+from sparsitytrap import config as stconfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
@@ -108,3 +109,42 @@ def test_a_figure_from_the_command_line(run, tmp_path, capsys):
     assert cli.main(argv) == 0 and (tmp_path / "table.png").is_file()
     assert cli.main(["figure", "rescue", "--out", str(tmp_path / "x")]) == 2
     assert "needs --set for" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    commands = cli.parser()._subparsers._group_actions[0]
+    undocumented = [
+        f"{name} {a.option_strings[0] if a.option_strings else a.dest}"
+        for name, sub in commands.choices.items()
+        for a in sub._actions
+        if not a.help
+    ]
+    assert not undocumented, f"options without help: {undocumented}"
+    assert {c.dest for c in commands._choices_actions if not c.help} == set()  # every command says what it does
+
+
+def test_help_shows_defaults_from_the_schema():
+    text = cli.parser()._subparsers._group_actions[0].choices["tile"].format_help()
+    tiles = stconfig.defaults("tiles")
+    assert f"(default: {tiles['min_tissue_fraction']})" in text and "(default: None)" not in text
+
+
+def test_report_table_command_writes_a_readable_table(tmp_path):
+    csv = tmp_path / "S1_per_gene.csv"
+    pd.DataFrame({"gene": ["PIGR", "CD74"], "delta": [0.123456789, -0.5]}).to_csv(csv, index=False)
+    assert cli.main(["report-table", str(csv), "--out", str(tmp_path / "t.html")]) == 0
+    page = (tmp_path / "t.html").read_text()
+    assert "<td>PIGR</td>" in page and "0.1235" in page and 'download="S1_per_gene.csv"' in page
+    assert cli.main(["report-table", str(tmp_path / "none.csv"), "--out", str(tmp_path / "x.html")]) == 2
+
+
+def test_the_demo_summary_script_has_a_help():
+    script = ROOT / "bench" / "summarise_demo.py"
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), str(script), "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "results" in done.stdout
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), str(script), "/nowhere"], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "/nowhere" in done.stderr

@@ -154,3 +154,31 @@ def test_snakemake_refuses_a_duplicated_sample_at_plan_time(tmp_path):
     snakemake = ROOT / ".venv" / "bin" / "snakemake"
     result = subprocess.run([str(snakemake), "-n", "--cores", "1"], cwd=root, capture_output=True, text=True)
     assert result.returncode != 0 and "key 'P1' is given twice" in result.stdout + result.stderr
+
+
+def test_nested_cli_values_are_typed_and_merged_into_the_section():
+    """`--config training='{epochs: 3, augment: {dihedral: false}}'`, parsed and merged as Snakemake does."""
+    from snakemake.cli import parse_config
+    from snakemake.utils import update_config
+
+    cfg = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())
+    cli = parse_config(["training={epochs: 3, augment: {dihedral: false}}", "genes={samples: [T1], n_genes: 4}"])
+    assert cli["training"]["epochs"] == "3"  # what Snakemake hands over
+    update_config(cfg, cli)
+    out = check(stconfig.retype_cli_config(cfg, cli))
+    assert out["training"]["epochs"] == 3 and out["training"]["augment"] == {"dihedral": False, "color_jitter": False}
+    assert out["training"]["batch_size"] == 2 and out["training"]["lr"] == 1.0e-3  # the rest of the section kept
+    assert out["genes"]["samples"] == ["T1"] and out["genes"]["n_genes"] == 4  # a string list stays strings
+
+
+def test_snakemake_accepts_a_nested_config_value(tmp_path):
+    import subprocess
+
+    from conftest import copy_workflow
+
+    root = copy_workflow(tmp_path, config="tests/configs/tiny.yaml")
+    snakemake = [str(ROOT / ".venv" / "bin" / "snakemake"), "-n", "--cores", "1", "--config"]
+    done = subprocess.run([*snakemake, "training={epochs: 2}"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    bad = subprocess.run([*snakemake, "training={epochs: two}"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode != 0 and "training.epochs" in bad.stdout + bad.stderr

@@ -57,3 +57,17 @@ def test_requirements_detect_drift():
     """The comparison is not vacuous: a changed pin is seen."""
     assert requirements(["torch==2.14.1"]) != requirements(["torch==2.13.0"])
     assert requirements(["POT==0.9.7"]) == requirements(["pot == 0.9.7"])
+
+
+def test_the_cuda_build_the_env_file_names_is_the_installed_one():
+    """The env file's comment names the CUDA major version of the torch wheel that pip installs."""
+    import re
+
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch is installed: nothing to compare")
+    for env_file in ENV_FILES:
+        stated = re.findall(r"CUDA (\d+) build", env_file.read_text())
+        assert stated == [torch.version.cuda.split(".")[0]], (
+            f"{env_file.name}: says CUDA {stated}, torch {torch.version.cuda}"
+        )

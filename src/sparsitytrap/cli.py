@@ -299,7 +299,10 @@ def parser():
     s.add_argument("--out", required=True, help="SpatialData store to write (zarr)")
     s.add_argument("--fullres-image", help="the full-resolution H&E when it is not in the folder")
     s.add_argument(
-        "--bins", default="labels", choices=("labels", "squares", "circles"), help="how the bins are stored (ingest.bins)"
+        "--bins",
+        default="labels",
+        choices=("labels", "squares", "circles"),
+        help="how the bins are stored (ingest.bins)",
     )
     s.set_defaults(func=_ingest)
 

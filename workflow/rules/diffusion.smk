@@ -50,11 +50,11 @@ rule validate_diffusion:
         truth=lambda wc: truth_of(wc.sample),
         genes=f"{R}/genes/genes.csv",
     output:
-        table=report(
+        table=table(
             f"{R}/diffusion/{{sample}}/validation.csv",
-            caption="../report/diffusion.rst",
-            category="Diffusion correction",
-            subcategory="{sample}",
+            "diffusion",
+            "Diffusion correction",
+            "{sample}",
         ),
         summary=f"{R}/diffusion/{{sample}}/summary.csv",
         figure=report(

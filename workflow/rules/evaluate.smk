@@ -7,11 +7,11 @@ rule ceiling:
         tiles=f"{R}/tiles/{{sample}}.zarr",
         truth=lambda wc: truth_of(wc.sample),
     output:
-        report(
+        table(
             f"{R}/eval/ceiling/{{sample}}.csv",
-            caption="../report/ceiling.rst",
-            category="Evaluation",
-            subcategory="Noise ceilings",
+            "ceiling",
+            "Evaluation",
+            "Noise ceilings",
         ),
     log:
         f"{R}/logs/ceiling/{{sample}}.log",
@@ -36,11 +36,11 @@ rule evaluate:
         ceiling=lambda wc: f"{R}/eval/ceiling/{test_sample(wc.fold)}.csv",
         genes=f"{R}/genes/genes.csv",
     output:
-        per_gene=report(
+        per_gene=table(
             f"{R}/eval/{{model}}/{{fold}}/per_gene.csv",
-            caption="../report/per_gene.rst",
-            category="Evaluation",
-            subcategory="{model}",
+            "per_gene",
+            "Evaluation",
+            "{model}",
             labels={"model": "{model}", "fold": "{fold}"},
         ),
         per_tile=f"{R}/eval/{{model}}/{{fold}}/per_tile.parquet",
@@ -66,30 +66,30 @@ rule stats:
         a=lambda wc: eval_files([COMPARISONS[wc.comparison]["a"]]),
         b=lambda wc: eval_files([COMPARISONS[wc.comparison]["b"]]),
     output:
-        s1=report(
+        s1=table(
             f"{R}/stats/{{comparison}}/S1_per_gene.csv",
-            caption="../report/stats.rst",
-            category="Statistics",
-            subcategory="{comparison}",
+            "stats",
+            "Comparisons",
+            "{comparison}",
         ),
         s1_folds=f"{R}/stats/{{comparison}}/S1_per_fold.csv",
-        s2=report(
+        s2=table(
             f"{R}/stats/{{comparison}}/S2_per_category.csv",
-            caption="../report/stats.rst",
-            category="Statistics",
-            subcategory="{comparison}",
+            "stats",
+            "Comparisons",
+            "{comparison}",
         ),
-        s3=report(
+        s3=table(
             f"{R}/stats/{{comparison}}/S3_per_quartile.csv",
-            caption="../report/stats.rst",
-            category="Statistics",
-            subcategory="{comparison}",
+            "stats",
+            "Comparisons",
+            "{comparison}",
         ),
-        summary=report(
+        summary=table(
             f"{R}/stats/{{comparison}}/summary.csv",
-            caption="../report/stats.rst",
-            category="Statistics",
-            subcategory="{comparison}",
+            "stats",
+            "Comparisons",
+            "{comparison}",
         ),
     log:
         f"{R}/logs/stats/{{comparison}}.log",
@@ -113,10 +113,11 @@ rule factorial:
     input:
         eval_files(FACTORIAL_MODELS),
     output:
-        report(
+        table(
             f"{R}/stats/factorial_2x2.csv",
-            caption="../report/factorial.rst",
-            category="Statistics",
+            "factorial",
+            "Comparisons",
+            "Factorial 2x2",
         ),
     log:
         f"{R}/logs/stats/factorial.log",
