@@ -392,6 +392,9 @@ def _read_eval(eval_dir):
 def delta_ci(tiles_a, tiles_b, metric, bootstrap=1000, bootstrap_seed=7, level=0.95):
     """Paired tile-bootstrap interval of the mean over folds of the mean-over-genes delta B - A.
 
+    The expanded BCa interval of :func:`sparsitytrap.bootstrap.interval` (folds are the strata of
+    its jackknife).
+
     Returns
     -------
     low, high (NaN when the metric cannot be resampled or ``bootstrap`` is 0).

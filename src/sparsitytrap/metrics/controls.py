@@ -1,5 +1,7 @@
 """Controls: the label-shuffle null and the split-half noise ceiling on real counts."""
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -37,8 +39,8 @@ def split_half_thinning(counts, seed):
     """Split counts into two halves by binomial thinning: ``y1 ~ Binomial(y, 0.5)``, ``y2 = y - y1``.
 
     For Poisson counts the halves are independent Poisson(rate / 2) given the rate, i.e. two
-    half-depth replicates. Scoring ``y1`` against ``y2`` and correcting with
-    :func:`correct_split_half` estimates the noise ceiling.
+    half-depth replicates. Scoring ``y1`` against ``y2``, averaging over draws
+    (:func:`mean_of_draws`) and correcting with :func:`correct_split_half` estimates the noise ceiling.
 
     Parameters
     ----------
@@ -85,6 +87,23 @@ def noise_ceiling(r_half):
     """
     rho = spearman_brown(np.clip(np.asarray(r_half, dtype=float), 0.0, None))
     return np.sqrt(rho)
+
+
+def mean_of_draws(tables):
+    """Mean per gene over thinning draws of half-vs-half metrics tables (same genes, same columns).
+
+    Averaged before :func:`correct_split_half`: the correction clips at 0 and is concave, so
+    correcting each draw and then averaging would keep every draw's clipping and bias. NaN values
+    (a draw where a half is constant) are left out of the mean.
+    """
+    if not tables:
+        raise InputError("evaluation.ceiling_draws", "no thinning draw to average")
+    numeric = [c for c in tables[0].columns if np.issubdtype(tables[0][c].dtype, np.number)]
+    out = tables[0].copy()
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN genes stay NaN
+        out[numeric] = np.nanmean(np.stack([t[numeric].to_numpy(dtype=float) for t in tables]), axis=0)
+    return out
 
 
 def correct_split_half(table):
