@@ -141,6 +141,9 @@ def fixture_job(entry, run):
         "predictions": {NAMES[m]: path for m, path in run["preds"]["P1"].items()},
         "gene": "PIGR",
         "log_csvs": run["logs"],
+        "tiles_zarrs": [run["tiles"]["P1"]],
+        "train_um": {NAMES["A"]: 2, NAMES["B"]: 2},
+        "losses": {NAMES["A"]: "mse", NAMES["B"]: "poisson"},
     }
     settings = {"bootstrap": 30, "bootstrap_seed": 0, "metric": "pcc_2um_pooled", "top_k": 2}
     settings |= {"shared_scale": False, "model": NAMES["B"], "genes": ["CD74"]}

@@ -169,7 +169,7 @@ def _ceiling(a):
     from .evaluate import evaluate_ceiling
 
     evaluate_ceiling(a.tiles, a.out, truth_zarr=a.truth, batch_tiles=a.batch_tiles, shuffle_seed=a.shuffle_seed,
-                     ssim_min_tissue=a.ssim_min_tissue)  # fmt: skip
+                     ssim_min_tissue=a.ssim_min_tissue, n_draws=a.ceiling_draws)  # fmt: skip
 
 
 def _evaluate(a):
@@ -249,6 +249,7 @@ def _evaluation_options(s, *names):
         "bootstrap": "tile-bootstrap resamples for the intervals (0: none)",
         "bootstrap_seed": "seed of the tile bootstrap",
         "ssim_min_tissue": "SSIM on tiles with a larger tissue fraction",
+        "ceiling_draws": "split-half thinning draws averaged (real data, no --truth)",
     }
     for name in names:
         value = EVALUATION_DEFAULTS[name]
@@ -399,7 +400,7 @@ def parser():
     s.add_argument("tiles", help="the test patient's tile store")
     s.add_argument("--truth", help="simulated truth.zarr; without it: split-half thinning of the counts")
     s.add_argument("--out", required=True, help="ceiling CSV")
-    _evaluation_options(s, "batch_tiles", "shuffle_seed", "ssim_min_tissue")
+    _evaluation_options(s, "batch_tiles", "shuffle_seed", "ssim_min_tissue", "ceiling_draws")
     s.set_defaults(func=_ceiling)
 
     s = _command(sub, "evaluate", help="per-gene metrics of one (model, fold), with null and noise ceiling")

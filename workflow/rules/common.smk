@@ -61,7 +61,10 @@ def gene_folds():
     """Leak-free selection (`genes.samples: training`): fold -> positions of its training samples."""
     if config["genes"]["samples"] != "training" or config["genes"]["method"] == "panel":
         return None
-    return {f: [SAMPLES.index(s) for s in stconfig.fold_samples(config, f)[0]] for f in FOLDS}
+    return {
+        f: [SAMPLES.index(s) for s in stconfig.fold_samples(config, f)[0]]
+        for f in FOLDS
+    }
 
 
 def truth_of(sample):
@@ -136,7 +139,9 @@ FIG = f"{R}/figures"
 FORMATS = config["figures"]["format"]
 COMPARISONS = {c["name"]: c for c in config.get("comparisons", [])}
 MOSAIC_GENES = config["figures"].get("mosaic_genes", [])
-if MOSAIC_GENES and os.path.exists(f"{R}/genes/genes.csv"):  # plan time, once genes are chosen
+if MOSAIC_GENES and os.path.exists(
+    f"{R}/genes/genes.csv"
+):  # plan time, once genes are chosen
     from sparsitytrap.genes import check_required
 
     check_required(

@@ -25,6 +25,7 @@ rule ceiling:
         batch_tiles=config["evaluation"]["batch_tiles"],
         shuffle_seed=config["evaluation"]["shuffle_seed"],
         ssim_min_tissue=config["evaluation"]["ssim_min_tissue"],
+        ceiling_draws=config["evaluation"]["ceiling_draws"],
     script:
         "../scripts/ceiling.py"
 
@@ -265,6 +266,7 @@ rule figure_rescue:
         b=lambda wc: eval_dir(COMPARISONS[wc.comparison]["b"], wc.fold),
         top_k=config["figures"]["rescue_top_k"],
         metric=config["stats"]["metrics"][0],
+        shared_scale=config["figures"]["shared_scale"],
     script:
         "../scripts/figures.py"
 
@@ -305,5 +307,29 @@ rule figure_multiscale:
     params:
         model=config["figures"].get("multiscale_model"),
         genes=config["figures"].get("mosaic_genes", []),
+    script:
+        "../scripts/figures.py"
+
+
+rule figure_resolution_sweep:
+    input:
+        evals=eval_files(MODELS, FOLDS),
+        tiles=[f"{R}/tiles/{test_sample(f)}.zarr" for f in FOLDS],
+    output:
+        figure("resolution_sweep", "resolution_sweep", subcategory="Overview"),
+    log:
+        f"{R}/logs/figures/resolution_sweep.log",
+    group:
+        "summaries"
+    conda:
+        "../../envs/sparsitytrap.yaml"
+    params:
+        dirs=[eval_dir(m, f) for m in MODELS for f in FOLDS],
+        train_um={
+            m: stconfig.model_config(config, m)["training"].get("train_um", 2)
+            for m in MODELS
+        },
+        losses={m: config["models"][m]["loss"]["name"] for m in MODELS},
+        bootstrap_seed=config["evaluation"]["bootstrap_seed"],
     script:
         "../scripts/figures.py"

@@ -13,4 +13,5 @@ with job(snakemake):
         batch_tiles=p.batch_tiles,
         shuffle_seed=p.shuffle_seed,
         ssim_min_tissue=p.ssim_min_tissue,
+        n_draws=p.ceiling_draws,
     )

@@ -10,7 +10,8 @@ display backend.
 
 The functions live by kind of figure: :mod:`.overview` (results table, bar chart, noise ceiling),
 :mod:`.comparisons` (sparsity scatter, heatmap), :mod:`.maps` (mosaic, rescue and multi-scale
-panels), :mod:`.curves` (training curves); what they share is in :mod:`._common`.
+panels), :mod:`.curves` (training curves), :mod:`.sweep` (the resolution sweep); what they share
+is in :mod:`._common`.
 
 :data:`FIGURES` declares each figure once: rule ``figure_<name>`` draws ``FIGURES[name]``
 (``workflow/scripts/figures.py``) and ``figure_targets()`` (``workflow/rules/common.smk``)
@@ -25,7 +26,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-MODULES = ("_common", "overview", "comparisons", "maps", "curves")
+MODULES = ("_common", "overview", "comparisons", "maps", "curves", "sweep")
 
 
 def setting(config, key):
@@ -130,7 +131,7 @@ FIGURES = {
             "pred_a": "input.pred_a",
             "pred_b": "input.pred_b",
         },
-        {"top_k": "figures.rescue_top_k", **METRIC},
+        {"top_k": "figures.rescue_top_k", **METRIC, "shared_scale": "figures.shared_scale"},
     ),
     "mosaic": Figure(
         "maps.mosaic",
@@ -144,6 +145,19 @@ FIGURES = {
         {"tiles_zarr": "input.tiles", "pred_zarr": "input.pred"},
         {"model": "figures.multiscale_model", "genes": "figures.mosaic_genes"},
         requires=("figures.multiscale_model", "figures.mosaic_genes"),
+    ),
+    # config/resolution_sweep.yaml: Poisson - MSE against the bin size the loss is computed at
+    "resolution_sweep": Figure(
+        "sweep.resolution_sweep",
+        "resolution_sweep",
+        {
+            "eval_dirs": "params.dirs",
+            "tiles_zarrs": "input.tiles",
+            "train_um": "params.train_um",
+            "losses": "params.losses",
+        },
+        {"bootstrap_seed": "evaluation.bootstrap_seed"},
+        requires=("figures.resolution_sweep",),
     ),
 }
 
