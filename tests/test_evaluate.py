@@ -44,11 +44,11 @@ def write_tiles(path, counts, mask, grid, genes=GENES):
     return path
 
 
-def write_pred(path, rates):
+def write_pred(path, rates, genes=GENES):
     """A predictions store as :func:`sparsitytrap.predict.predict` writes it (group, array ``rates``)."""
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.create_array("rates", data=rates.astype(np.float16), chunks=(1, *rates.shape[1:]))
-    g.attrs.update(genes=list(GENES), sample="PX")
+    g.attrs.update(genes=list(genes), sample="PX")
     manifest.write(path)
     return path
 
@@ -181,3 +181,18 @@ def test_prediction_shape_mismatch_is_an_input_error(cohort, tmp_path):
     with pytest.raises(InputError, match="pred.zarr.*does not match"):
         evaluate(pred, cohort["tiles"], tmp_path / "eval")
     assert not (tmp_path / "eval" / "per_gene.csv").exists()
+
+
+def test_a_folds_genes_are_scored_against_their_own_counts(cohort, tmp_path):
+    """Leak-free selection: the tile store holds the union over folds; a model predicts its fold's genes only."""
+    full = evaluate(write_pred(tmp_path / "all.zarr", cohort["rates"]), cohort["tiles"], tmp_path / "all")
+    order = [2, 0]  # a subset, in another order
+    genes = [GENES[i] for i in order]
+    part = evaluate(
+        write_pred(tmp_path / "part.zarr", cohort["rates"][:, order], genes), cohort["tiles"], tmp_path / "p"
+    )
+    assert part["gene"].tolist() == genes
+    expected = full.set_index("gene").loc[genes].reset_index()[full.columns]
+    pd.testing.assert_frame_equal(part, expected)
+    with pytest.raises(InputError, match="1 predicted genes are not in the tile store, e.g. 'NOPE'"):
+        evaluate(write_pred(tmp_path / "x.zarr", cohort["rates"][:, :1], ["NOPE"]), cohort["tiles"], tmp_path / "x")

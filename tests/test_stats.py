@@ -205,3 +205,24 @@ def test_run_comparison_writes_consistent_tables(two_models, tmp_path):
 def test_run_comparison_refuses_mismatched_folds(two_models, tmp_path):
     with pytest.raises(InputError, match="folds"):
         S.run_comparison(two_models["poor"], two_models["good"][::-1], tmp_path / "cmp")
+
+
+def test_pooled_statistics_use_the_genes_every_fold_scored():
+    """Leak-free selection gives each fold its own genes: pooled, only the shared ones are compared."""
+    from sparsitytrap.stats import compare
+
+    def table(model_shift):
+        rows = []
+        for fold, genes in (("test-P1", ["A", "B", "C"]), ("test-P2", ["A", "B", "D"])):
+            rows += [
+                {"fold": fold, "gene": g, "m": 0.1 * i + model_shift, "sparsity": 0.9} for i, g in enumerate(genes)
+            ]
+        return pd.DataFrame(rows)
+
+    out = compare(table(0.0), table(0.05), "m")
+    s1 = out["s1"].set_index("gene")
+    assert s1["shared"].to_dict() == {"A": True, "B": True, "C": False, "D": False}
+    assert s1["compared"].tolist() == [True, True, False, False]
+    summary = out["summary"].iloc[0]
+    assert summary["n_fold_specific"] == 2 and summary["n_excluded"] == 2
+    assert summary["n_genes"] == 2

@@ -76,7 +76,9 @@ def tile_sums(pred, target, mask, k):
     -------
     ``[T, G, 10]`` float64 numpy array: :data:`SUMS` then :data:`RANGES` (NaN range: no tissue).
     """
-    x, y, m = pool_masked(pred.to(M.F64), target.to(M.F64), mask, k)
+    x, y = pred.to(M.F64), target.to(M.F64)
+    # at k = 1 the pooling would only mask, which the multiply below does anyway
+    x, y, m = (x, y, mask) if k == 1 else pool_masked(x, y, mask, k)
     tissue = m[:, None].expand_as(x)
     mf = tissue.to(M.F64)
     x, y = x * mf, y * mf
@@ -298,23 +300,33 @@ def evaluate_ceiling(tiles_zarr, out_csv, *, truth_zarr=None, batch_tiles=4, shu
 
 
 def _read_ceiling(path, genes):
+    """The ceiling table's rows of `genes`, in their order (it holds every gene of the tile store)."""
     table = pd.read_csv(path)
     missing = [c for c in ("gene", "ceiling_kind", *SCORES) if c not in table.columns]
     if missing:
         raise InputError(path, f"missing column(s) {missing}: not a ceiling table")
-    if list(table["gene"]) != list(genes):
-        raise InputError(path, "genes differ from the tile store's genes (order or names)")
-    return table
+    return _rows_of(table, genes, path)
 
 
-def _stream(pred, tiles, perm, batch_tiles, ssim_min_tissue, source):
-    """Model and label-shuffle metrics, and per-tile sums, over tile batches (partners read by index)."""
+def _rows_of(table, genes, where):
+    absent = [g for g in genes if g not in set(table["gene"])]
+    if absent:
+        raise InputError(where, f"{len(absent)} genes of the predictions are not in it, e.g. {absent[0]!r}")
+    return table.set_index("gene").loc[list(genes)].reset_index()
+
+
+def _stream(pred, tiles, perm, batch_tiles, ssim_min_tissue, source, gene_index=None):
+    """Model and label-shuffle metrics, and per-tile sums, over tile batches (partners read by index).
+
+    gene_index: the predicted genes' positions in the tile store (a fold's genes among the union).
+    """
     counts, mask = tiles.counts, tiles.mask
-    n_tiles, n_genes = counts.shape[:2]
+    n_tiles, n_genes = pred.shape[:2]
     gm_model, gm_null = _metrics(n_genes, ssim_min_tissue, source), _metrics(n_genes, ssim_min_tissue, source)
     sums = {k: [] for k in SCALES}
     for t0, t1 in _batches(n_tiles, batch_tiles):
-        y = torch.from_numpy(np.asarray(counts[t0:t1]))
+        y = np.asarray(counts[t0:t1])
+        y = torch.from_numpy(y if gene_index is None else y[:, gene_index])
         m = torch.from_numpy(np.asarray(mask[t0:t1])).bool()
         p = torch.from_numpy(np.asarray(pred[t0:t1]))
         gm_model.update(p, y, m)
@@ -382,11 +394,17 @@ def evaluate(
     if int(batch_tiles) < 1:
         raise InputError("evaluation.batch_tiles", f"must be >= 1, got {batch_tiles}")
     tiles = open_tiles(tiles_zarr)
-    store_p = open_predictions(pred_zarr, tiles.counts.shape)
+    store_p = open_predictions(pred_zarr)
     pred, attrs = store_p.rates, store_p.attrs
-    genes, sample = tiles.genes, tiles.sample
-    if attrs.get("genes") is not None and list(attrs["genes"]) != genes:
-        raise InputError(pred_zarr, "attribute 'genes' differs from the tile store's genes (order or names)")
+    # the model's genes (its fold's selection) among the tile store's (the union over folds)
+    genes, sample = list(attrs.get("genes") or tiles.genes), tiles.sample
+    absent = [g for g in genes if g not in set(tiles.genes)]
+    if absent:
+        raise InputError(pred_zarr, f"{len(absent)} predicted genes are not in the tile store, e.g. {absent[0]!r}")
+    n, _, side, _ = tiles.counts.shape
+    if tuple(pred.shape) != (n, len(genes), side, side):
+        raise InputError(pred_zarr, f"rates {tuple(pred.shape)} does not match {n} tiles x {len(genes)} genes x {side}")
+    gene_index = None if genes == tiles.genes else np.array([tiles.genes.index(g) for g in genes])
     if attrs.get("sample") and sample and attrs["sample"] != sample:
         raise InputError(pred_zarr, f"predicts sample {attrs['sample']!r} but the tile store is {sample!r}")
     if ceiling_csv is not None:
@@ -399,8 +417,9 @@ def evaluate(
             seed=shuffle_seed,
             ssim_min_tissue=ssim_min_tissue,
         )
+        ceiling = _rows_of(ceiling, genes, tiles_zarr)
     perm = M.shuffle_pairs(tiles.n_tiles, shuffle_seed)
-    gm_model, gm_null, sums = _stream(pred, tiles, perm, int(batch_tiles), ssim_min_tissue, str(pred_zarr))
+    gm_model, gm_null, sums = _stream(pred, tiles, perm, int(batch_tiles), ssim_min_tissue, str(pred_zarr), gene_index)
     model = model or attrs.get("model") or pred_zarr.parent.parent.name
     fold = fold or attrs.get("fold") or pred_zarr.parent.name
     table = per_gene_table(
@@ -433,8 +452,20 @@ def evaluate(
         },
         "ci95": _bootstrap(per_tile, int(bootstrap), bootstrap_seed),
     }
+    summary["protocol"]["gene_selection"] = _selection(genes_csv, fold, len(genes), len(tiles.genes))
     store.write(out_dir, table, per_tile, _clean(summary))
     return table
+
+
+def _selection(genes_csv, fold, n_genes, n_union):
+    """How this fold's genes were chosen (genes.csv has a ``rank_<fold>`` column when per fold)."""
+    per_fold = genes_csv is not None and f"rank_{fold}" in pd.read_csv(genes_csv, nrows=0).columns
+    if per_fold:
+        return (
+            f"leak-free: {n_genes} genes chosen on this fold's training patients only (genes.samples: training); "
+            f"the tile stores hold the union over folds ({n_union} genes)"
+        )
+    return f"{n_genes} genes chosen once for every fold (genes.samples: all or a list, or a panel)"
 
 
 def _categories(genes_csv):

@@ -10,6 +10,9 @@ Conventions:
 - A gene is *compared* when both models have a finite metric (per fold; pooled: in at least
   one fold, over the folds where both are finite). Other genes are excluded and counted, and
   every win rate is wins / compared genes, so it cannot exceed 100 %.
+- Pooled over folds, only genes that every fold scored are compared: with leak-free selection
+  (each fold's genes chosen on its training patients) a gene chosen by some folds only is
+  ``shared = False``, excluded and counted (``n_fold_specific``).
 - Wilcoxon signed-rank p-values need n >= 5 compared genes (else NaN); Benjamini-Hochberg
   adjusts the p-values within each table (S2, S3).
 """
@@ -188,9 +191,10 @@ def pooled_table(folds_table, metric, names=("A", "B")):
     Returns
     -------
     DataFrame: gene, category, sparsity_pct (mean over folds), both metrics, delta, n_folds,
-    compared, win.
+    shared (every fold scored the gene), compared, win.
     """
     col_a, col_b = f"{metric}_{names[0]}", f"{metric}_{names[1]}"
+    n_total = folds_table["fold"].nunique()
     rows = []
     for gene, g in folds_table.groupby("gene", sort=False):
         both = g[g["compared"]]
@@ -203,10 +207,11 @@ def pooled_table(folds_table, metric, names=("A", "B")):
                 col_b: both[col_b].mean() if len(both) else np.nan,
                 "delta": both["delta"].mean() if len(both) else np.nan,
                 "n_folds": len(both),
+                "shared": g["fold"].nunique() == n_total,
             }
         )
     out = pd.DataFrame(rows)
-    out["compared"] = out["n_folds"] > 0
+    out["compared"] = (out["n_folds"] > 0) & out["shared"]
     out["win"] = pd.array(np.where(out["compared"], out["delta"] > 0, pd.NA), dtype="boolean")
     return out
 
@@ -291,6 +296,7 @@ def compare(per_gene_a, per_gene_b, metric, categories=None, names=("A", "B")):
         "model_b": names[1],
         "n_folds": folds["fold"].nunique(),
         "n_excluded": int((~s1["compared"]).sum()),
+        "n_fold_specific": int((~s1["shared"]).sum()),
         "mean_a": c[col_a].mean(),
         "mean_b": c[col_b].mean(),
     }
