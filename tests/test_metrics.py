@@ -90,6 +90,55 @@ def test_average_ranks_match_rankdata_with_ties():
     np.testing.assert_array_equal(M.average_ranks(torch.tensor(x)).numpy(), ss.rankdata(x, axis=1))
 
 
+def test_ranks_by_counting_match_rankdata_and_the_sort():
+    from sparsitytrap.metrics.correlation import _sorted_ranks, rank_keys
+
+    rng = np.random.default_rng(8)
+    counts = rng.poisson(0.4, size=(4, 300))
+    special = [0.0, -0.0, -2.5, float("inf"), float("-inf"), 6e-8, 65504.0]
+    halves = np.concatenate([rng.lognormal(-3, 2, size=(4, 293)) * rng.choice([-1, 1], (4, 293)), [special] * 4], 1)
+    cases = [
+        torch.tensor(counts, dtype=torch.int32),
+        torch.tensor(counts - 3, dtype=torch.int64),  # negative integers
+        torch.tensor(counts, dtype=torch.float32),  # integer-valued floats
+        torch.tensor(halves, dtype=torch.float16),  # ties from float16 rounding, -0 == +0, infinities
+        torch.tensor(halves, dtype=torch.bfloat16),
+    ]
+    for x in cases:
+        assert rank_keys(x) is not None, x.dtype  # each takes the counting path
+        ref = ss.rankdata(x.to(torch.float64).numpy(), axis=1)
+        np.testing.assert_array_equal(M.average_ranks(x).numpy(), ref, err_msg=str(x.dtype))
+        np.testing.assert_array_equal(M.average_ranks(x).numpy(), _sorted_ranks(x.to(torch.float64)).numpy())
+        valid = torch.tensor(rng.random(x.shape) < 0.6)
+        got = M.average_ranks(x, valid).numpy()
+        for row in range(x.shape[0]):
+            v = valid[row].numpy()
+            np.testing.assert_array_equal(got[row][v], ss.rankdata(x[row].to(torch.float64).numpy()[v]))
+            assert (got[row][~v] == 0).all()
+    assert rank_keys(torch.tensor([0.5, 1.0])) is None  # non-integer float32: sorted instead
+    assert rank_keys(torch.tensor([0, 2**21])) is None  # too wide a range to count
+
+
+def test_spearman_of_float16_predictions_like_scipy():
+    rate, counts, mask = batch(7, t=3, g=5, h=16, w=16, shape=0.3)
+    pred = (rate * 0.01).to(torch.float16)  # many ties after rounding, as stored predictions
+    counts[2, 1] = 4  # constant target: undefined
+    acc = M.SpearmanAccumulator(5)
+    acc.update(pred, counts, mask)
+    m = mask.numpy()
+    p = pred.to(torch.float64).numpy()
+    ref = [ss.spearmanr(p[:, g][m], counts[:, g].numpy()[m])[0] for g in range(5)]
+    np.testing.assert_allclose(acc.compute(), ref, atol=1e-12)
+    per_tile = M.spearman_per_tile(pred, counts, mask).numpy()
+    for t in range(3):
+        for g in range(5):
+            x, y = p[t, g][m[t]], counts[t, g].numpy()[m[t]]
+            if (t, g) == (2, 1):
+                assert np.isnan(per_tile[t, g])
+            else:
+                assert per_tile[t, g] == pytest.approx(ss.spearmanr(x, y)[0], abs=1e-12)
+
+
 def test_spearman_pooled_and_per_tile_like_scipy():
     rate, counts, mask = batch(6, shape=0.3)
     acc = M.SpearmanAccumulator(4)
