@@ -33,20 +33,34 @@ accumulators and :class:`GeneMetrics`), :mod:`.controls`; :data:`METRICS` is the
 
 from dataclasses import dataclass
 
-from ._tensors import F64
-from .controls import correct_split_half, noise_ceiling, shuffle_pairs, spearman_brown, split_half_thinning
-from .correlation import average_ranks, pearson_from_sums, pearson_per_tile, spearman_per_tile
-from .ssim import SSIM_K1, SSIM_K2, SSIM_MIN_RANGE, SSIM_MIN_TISSUE, SSIM_WIN, ssim_images, ssim_per_tile
-from .stream import (
-    DEVIANCE_EPS,
-    CountAccumulator,
-    GeneMetrics,
-    PearsonAccumulator,
-    SpearmanAccumulator,
-    TileMetricAccumulator,
-    check_batch,
-    evaluate_stream,
-)
+#: Where each public name lives. They are imported on first use (PEP 562), so that the registry
+#: below (needed when a run is planned, and by stats and figures) costs no torch import.
+_HOME = {
+    "_tensors": ["F64"],
+    "controls": ["correct_split_half", "noise_ceiling", "shuffle_pairs", "spearman_brown", "split_half_thinning"],
+    "correlation": ["average_ranks", "pearson_per_tile", "spearman_per_tile"],
+    "sums": ["pearson_from_sums"],
+    "ssim": ["SSIM_K1", "SSIM_K2", "SSIM_MIN_RANGE", "SSIM_MIN_TISSUE", "SSIM_WIN", "ssim_images", "ssim_per_tile"],
+    "stream": [
+        "DEVIANCE_EPS",
+        "CountAccumulator",
+        "GeneMetrics",
+        "PearsonAccumulator",
+        "SpearmanAccumulator",
+        "TileMetricAccumulator",
+        "check_batch",
+        "evaluate_stream",
+    ],
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 import functools
 
-import numpy as np
 import torch
 
 from ._tensors import F64
+from .sums import pearson_from_sums  # noqa: F401 - part of this module's API
 
 #: Integer-valued keys with a wider range than this are ranked by sorting, not by counting.
 MAX_COUNTED_RANGE = 1 << 20
@@ -123,27 +123,6 @@ def average_ranks(x, valid=None):
 
 def _pearson_from_centered(xc, yc, dims):
     return (xc * yc).sum(dims) / torch.sqrt((xc * xc).sum(dims) * (yc * yc).sum(dims))
-
-
-def pearson_from_sums(sums, constant):
-    """Pearson r from sufficient statistics: the one implementation of a pooled Pearson.
-
-    Parameters
-    ----------
-    sums
-        ``[..., 6]``: n and the sums of x, y, xx, yy, xy (x, y may be shifted by a constant each).
-    constant
-        ``[...]`` bool: a side is exactly constant (its min equals its max): no correlation.
-
-    Returns
-    -------
-    ``[...]`` float64 numpy array, NaN where n < 2 or a side is constant.
-    """
-    n, sx, sy, sxx, syy, sxy = np.moveaxis(np.asarray(sums, dtype=np.float64), -1, 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cxx, cyy, cxy = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
-        r = np.clip(cxy / np.sqrt(cxx * cyy), -1, 1)
-    return np.where(np.asarray(constant) | (n < 2), np.nan, r)
 
 
 def pearson_per_tile(pred, target, mask):
