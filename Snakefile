@@ -20,7 +20,6 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/diffusion.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/report.smk"
 
 
 rule all:

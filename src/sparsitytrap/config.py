@@ -205,6 +205,10 @@ def _check_references(config, source):
         for sid in gs:
             if sid not in config["samples"]:
                 raise InputError(f"{source}: genes.samples", f"sample {sid!r} is not declared under samples")
+    validated = config.get("diffusion", {}).get("validate", True)
+    for sid in validated if isinstance(validated, list) else []:
+        if sid not in config["samples"]:
+            raise InputError(f"{source}: diffusion.validate", f"sample {sid!r} is not declared under samples")
     if config["genes"]["method"] == "panel" and not config["genes"].get("panel"):
         raise InputError(f"{source}: genes.panel", "method 'panel' needs a panel file")
     for key in ("panel", "categories"):

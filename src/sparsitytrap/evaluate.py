@@ -37,7 +37,7 @@ from .stores.tiles import open_tiles
 log = logging.getLogger(__name__)
 
 #: Pooling factors evaluated for PCC: 1, 2, 4 x the 2 um bin = 2, 4, 8 um.
-SCALES = (1, 2, 4)
+SCALES = (1, 2, 4, 8)  # 2, 4, 8, 16 um
 #: Columns of a metrics table renamed so that every column names its pooling.
 RENAME = {
     "ssim_2um": "ssim_2um_pertile",

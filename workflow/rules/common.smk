@@ -102,7 +102,7 @@ def all_targets():
         f"{R}/eval/{{model}}/{{fold}}/per_gene.csv", model=MODELS, fold=FOLDS
     )
     targets += stats_targets() + figure_targets() + diffusion_targets()
-    return targets + table_targets()
+    return targets
 
 
 DIFFUSION = stconfig.diffusion_settings(config)
@@ -114,7 +114,16 @@ def diffusion_targets():
     validate = config.get("diffusion", {}).get("validate", True)
     if not (used and validate):
         return []
-    return [f"{R}/diffusion/{s}/validation.csv" for s in SAMPLES if is_simulated(s)]
+    chosen = (
+        SAMPLES if validate is True else validate
+    )  # true: every simulated sample; or a list
+    return [f"{R}/diffusion/{s}/validation.csv" for s in chosen if is_simulated(s)]
+
+
+def stitched(fold):
+    """Whether `predict` blends the seamless map of this fold (`prediction.stitch`: drawn, all, none)."""
+    mode = config["prediction"]["stitch"]
+    return mode == "all" or (mode == "drawn" and fold in DRAWN_FOLDS)
 
 
 def tiles_of(model):
@@ -186,31 +195,24 @@ def figure(name, caption, category="Figures", subcategory=None, labels=None):
     return out
 
 
-#: CSV pattern -> its report entry; rules `report_table_*` (report.smk) write each one's HTML view
+#: CSV pattern -> its report entry; the job that writes the CSV also writes its HTML view
+#: (`sparsitytrap.smk.job` fills every `.html` output whose `.csv` twin is an output)
 TABLES = {}
 STATS_TABLES = ["S1_per_gene", "S2_per_category", "S3_per_quartile", "summary"]
 
 
 def table(path, caption, category, subcategory=None, labels=None):
-    """A CSV output whose HTML view (same name, `.html`) goes into the report: the report shows
-    HTML in the page but offers a CSV only as a download.
+    """A CSV output whose HTML view (`view(path)`, same name `.html`) goes into the report: the
+    report shows HTML in the page but offers a CSV only as a download.
     """
     TABLES[path] = dict(caption=f"../report/{caption}.rst", category=category,
                         subcategory=subcategory, labels=labels)  # fmt: skip
     return path
 
 
-def table_targets():
-    """The HTML view of every report table the run makes."""
-    csvs = [f"{R}/genes/genes.csv"]
-    csvs += [f"{R}/eval/ceiling/{test_sample(f)}.csv" for f in FOLDS]
-    csvs += expand(
-        f"{R}/eval/{{model}}/{{fold}}/per_gene.csv", model=MODELS, fold=FOLDS
-    )
-    csvs += [f"{R}/stats/{c}/{t}.csv" for c in COMPARISONS for t in STATS_TABLES]
-    csvs += [f"{R}/stats/factorial_2x2.csv"] if config.get("factorial") else []
-    csvs += diffusion_targets()
-    return [c.removesuffix(".csv") + ".html" for c in dict.fromkeys(csvs)]
+def view(path):
+    """The report item of table `path`: its HTML view, an output of the same rule."""
+    return report(path.removesuffix(".csv") + ".html", **TABLES[path])
 
 
 FACTORIAL = config.get("factorial") or {}

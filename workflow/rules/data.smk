@@ -54,6 +54,7 @@ rule select_genes:
         panel=config["genes"]["panel"] or [],
     output:
         table(f"{R}/genes/genes.csv", "genes", "Data"),
+        view(f"{R}/genes/genes.csv"),
     log:
         f"{R}/logs/select_genes.log",
     conda:

@@ -56,6 +56,7 @@ rule validate_diffusion:
             "Diffusion correction",
             "{sample}",
         ),
+        table_view=view(f"{R}/diffusion/{{sample}}/validation.csv"),
         summary=f"{R}/diffusion/{{sample}}/summary.csv",
         figure=report(
             f"{R}/diffusion/{{sample}}/methods.png",

@@ -13,6 +13,7 @@ rule ceiling:
             "Evaluation",
             "Noise ceilings",
         ),
+        view(f"{R}/eval/ceiling/{{sample}}.csv"),
     log:
         f"{R}/logs/ceiling/{{sample}}.log",
     conda:
@@ -44,6 +45,7 @@ rule evaluate:
             "{model}",
             labels={"model": "{model}", "fold": "{fold}"},
         ),
+        per_gene_view=view(f"{R}/eval/{{model}}/{{fold}}/per_gene.csv"),
         per_tile=f"{R}/eval/{{model}}/{{fold}}/per_tile.parquet",
         summary=f"{R}/eval/{{model}}/{{fold}}/summary.json",
     log:
@@ -73,6 +75,7 @@ rule stats:
             "Comparisons",
             "{comparison}",
         ),
+        s1_view=view(f"{R}/stats/{{comparison}}/S1_per_gene.csv"),
         s1_folds=f"{R}/stats/{{comparison}}/S1_per_fold.csv",
         s2=table(
             f"{R}/stats/{{comparison}}/S2_per_category.csv",
@@ -80,18 +83,21 @@ rule stats:
             "Comparisons",
             "{comparison}",
         ),
+        s2_view=view(f"{R}/stats/{{comparison}}/S2_per_category.csv"),
         s3=table(
             f"{R}/stats/{{comparison}}/S3_per_quartile.csv",
             "stats",
             "Comparisons",
             "{comparison}",
         ),
+        s3_view=view(f"{R}/stats/{{comparison}}/S3_per_quartile.csv"),
         summary=table(
             f"{R}/stats/{{comparison}}/summary.csv",
             "stats",
             "Comparisons",
             "{comparison}",
         ),
+        summary_view=view(f"{R}/stats/{{comparison}}/summary.csv"),
     log:
         f"{R}/logs/stats/{{comparison}}.log",
     group:
@@ -120,6 +126,7 @@ rule factorial:
             "Comparisons",
             "Factorial 2x2",
         ),
+        view(f"{R}/stats/factorial_2x2.csv"),
     log:
         f"{R}/logs/stats/factorial.log",
     group:

@@ -55,7 +55,10 @@ rule predict:
         weights=f"{R}/models/{{model}}/{{fold}}/best.safetensors",
         tiles=lambda wc: f"{R}/tiles/{test_sample(wc.fold)}.zarr",
         features=lambda wc: f"{R}/features/{ENCODER}/{test_sample(wc.fold)}.zarr",
-        sdata=lambda wc: f"{R}/sdata/{test_sample(wc.fold)}.zarr",  # the H&E of the overlapping windows
+        # the H&E of the overlapping windows, for the folds that get a stitched map (prediction.stitch)
+        sdata=lambda wc: (
+            f"{R}/sdata/{test_sample(wc.fold)}.zarr" if stitched(wc.fold) else []
+        ),
     output:
         directory(f"{R}/models/{{model}}/{{fold}}/predictions.zarr"),
     log:

@@ -12,6 +12,6 @@ with job(snakemake):
         features=snakemake.input.features,
         out_pred=snakemake.output[0],
         encoder_cfg=snakemake.params.encoder,
-        sdata=snakemake.input.sdata,
+        sdata=snakemake.input.sdata or None,
         prediction=snakemake.params.prediction,
     )

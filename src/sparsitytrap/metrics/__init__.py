@@ -81,7 +81,8 @@ _CORRELATION = MetricSpec(relative_ok=True, similarity=True)
 METRICS = {
     **{
         f"{m}_{um}_{p}": _CORRELATION
-        for m, um in [("pcc", "2um"), ("pcc", "4um"), ("pcc", "8um"), ("scc", "2um")]
+        for m in ("pcc", "scc")
+        for um in ("2um", "4um", "8um", "16um")
         for p in ("pooled", "pertile")
     },  # fmt: skip
     "ssim_2um_pertile": MetricSpec(relative_ok=False, similarity=True),

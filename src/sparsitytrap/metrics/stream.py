@@ -231,7 +231,7 @@ class GeneMetrics:
     n_genes
         Number of genes (channel axis).
     scales
-        Pooling factors for PCC: 1, 2, 4 are 2, 4, 8 um bins.
+        Pooling factors for PCC and SCC: 1, 2, 4, 8 are 2, 4, 8, 16 um bins.
     bin_um
         Size of the native bin in um (column names).
     spearman, ssim
@@ -252,7 +252,7 @@ class GeneMetrics:
     def __init__(
         self,
         n_genes,
-        scales=(1, 2, 4),
+        scales=(1, 2, 4, 8),
         bin_um=2.0,
         spearman=True,
         ssim=True,
@@ -267,10 +267,11 @@ class GeneMetrics:
             um = f"{bin_um * k:g}um"
             self._pcc[k] = (f"pcc_{um}", PearsonAccumulator(n_genes), TileMetricAccumulator(n_genes, pearson_per_tile))
         native = f"{bin_um:g}um"
-        self._scc = None
-        if spearman:
-            self._scc = (
-                f"scc_{native}",
+        self._scc = {}
+        for k in self.scales if spearman else ():
+            um = f"{bin_um * k:g}um"
+            self._scc[k] = (
+                f"scc_{um}",
                 SpearmanAccumulator(n_genes),
                 TileMetricAccumulator(n_genes, spearman_per_tile),
             )
@@ -289,9 +290,10 @@ class GeneMetrics:
             p, t, m = (p64, t64, mask) if k == 1 else pool_masked(p64, t64, mask, k)
             pooled.update(p, t, m)
             pertile.update(p, t, m)
-        if self._scc:
-            self._scc[1].update(pred, target, mask)
-            self._scc[2].update(pred, target, mask)
+            if k in self._scc:  # ranks at 2 um from the float16 predictions themselves (counted, not sorted)
+                sp, st = (pred, target) if k == 1 else (p, t)
+                self._scc[k][1].update(sp, st, m)
+                self._scc[k][2].update(sp, st, m)
         if self._ssim:
             self._ssim[1].update(pred, target, mask)
         self._counts.update(pred, target, mask)
@@ -311,8 +313,7 @@ class GeneMetrics:
         for name, pooled, pertile in self._pcc.values():
             cols[f"{name}_pooled"] = pooled.compute()
             cols[f"{name}_pertile"] = pertile.compute()[0]
-        if self._scc:
-            name, pooled, pertile = self._scc
+        for name, pooled, pertile in self._scc.values():
             cols[f"{name}_pooled"] = pooled.compute()
             cols[f"{name}_pertile"] = pertile.compute()[0]
         if self._ssim:
@@ -326,8 +327,7 @@ class GeneMetrics:
     def per_tile(self):
         """Per-(tile, gene) values ``[T, G]`` of the per-tile metrics, for bootstraps over tiles."""
         out = {f"{name}_pertile": acc.values for name, _, acc in self._pcc.values()}
-        if self._scc:
-            out[f"{self._scc[0]}_pertile"] = self._scc[2].values
+        out |= {f"{name}_pertile": acc.values for name, _, acc in self._scc.values()}
         if self._ssim:
             out[self._ssim[0]] = self._ssim[1].values
         return out
