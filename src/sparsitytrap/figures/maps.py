@@ -44,17 +44,35 @@ def _image_tile(image, px):
 
 
 def _predictions(predictions, tiles, tiles_zarr):
-    """Open each prediction store (name -> PredictionStore), checking shape, genes and sample against the tiles."""
+    """Open each prediction store (name -> PredictionStore), checking tiles, genes and sample against the tiles.
+
+    A model predicts its fold's genes, all among the tile store's (the union over folds).
+    """
     out = {}
+    n, _, side, _ = tiles.counts.shape
     for name, path in predictions.items():
-        store = open_predictions(path, tiles.counts.shape)
+        store = open_predictions(path)
         attrs = store.attrs
-        if attrs.get("genes") is not None and list(attrs["genes"]) != tiles.genes:
-            raise InputError(path, f"genes differ from those of {tiles_zarr}")
+        if store.rates.shape[0] != n or tuple(store.rates.shape[2:]) != (side, side):
+            raise InputError(path, f"rates {tuple(store.rates.shape)} do not match the {n} tiles of {tiles_zarr}")
+        if not set(_genes(store, tiles)) <= set(tiles.genes):
+            raise InputError(path, f"predicts genes that {tiles_zarr} does not hold")
         if attrs.get("sample") and tiles.sample and attrs["sample"] != tiles.sample:
             raise InputError(path, f"predicts sample {attrs['sample']!r}, not {tiles.sample!r}")
         out[name] = store
     return out
+
+
+def _genes(store, tiles):
+    """The genes a predictions store holds, in its channel order (old stores: the tile store's)."""
+    return list(store.attrs.get("genes") or tiles.genes)
+
+
+def _channel(store, tiles, gene, path):
+    genes = _genes(store, tiles)
+    if gene not in genes:
+        raise InputError(path, f"gene {gene!r} was not predicted by this model (not among its fold's genes)")
+    return genes.index(gene)
 
 
 def _tile_rates(store, tiles, t, g):
@@ -187,6 +205,7 @@ def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=False, pool=4
     tiles = open_tiles(tiles_zarr)
     g = gene_index(tiles.genes, gene, source=str(tiles_zarr))
     preds = _predictions(predictions, tiles, tiles_zarr)
+    channel = {name: _channel(store, tiles, gene, predictions[name]) for name, store in preds.items()}
     tb = int(tiles.counts.shape[-1])
     if tb % pool:
         raise InputError("pool", f"{pool} does not divide the tile size {tb}")
@@ -200,7 +219,8 @@ def mosaic(tiles_zarr, predictions, gene, out_prefix, shared_scale=False, pool=4
         he[r * he_px : (r + 1) * he_px, c * he_px : (c + 1) * he_px] = _image_tile(tiles.images[t], he_px)
         maps["truth"][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(tiles.counts[t, g], m, pool)
         for name, store in preds.items():
-            maps[name][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(_tile_rates(store, tiles, t, g), m, pool)
+            rate = _tile_rates(store, tiles, t, channel[name])
+            maps[name][r * d : (r + 1) * d, c * d : (c + 1) * d] = _pool(rate, m, pool)
     extent = (0, cols, rows, 0)
     relative = {n for n, store in preds.items() if store.relative}
     stitched = {n for n, store in preds.items() if store.stitched is not None}
@@ -316,7 +336,7 @@ def rescue_panels(
         t = int(np.argmax(totals[:, g]))
         m = np.asarray(tiles.mask[t])
         maps = {"truth": _pool(tiles.counts[t, g], m, pool)} | {
-            n: _pool(p.rates[t, g], m, pool) for n, p in preds.items()
+            n: _pool(p.rates[t, _channel(p, tiles, gene, n)], m, pool) for n, p in preds.items()
         }
         row[0].imshow(np.asarray(tiles.images[t]))
         row[0].set_xticks([]), row[0].set_yticks([])
@@ -368,19 +388,20 @@ def multiscale_panels(
     tiles = open_tiles(tiles_zarr)
     names = tiles.genes
     idx = [gene_index(names, gene, genes_key, str(tiles_zarr)) for gene in genes]
-    store = open_predictions(pred_zarr, tiles.counts.shape)
+    store = _predictions({"model": pred_zarr}, tiles, tiles_zarr)["model"]
     rates, attrs = store.rates, store.attrs
+    channels = [_channel(store, tiles, gene, pred_zarr) for gene in genes]
     model = model or attrs.get("model") or Path(pred_zarr).parent.parent.name
     relative = {model} if store.relative else set()
     totals = _tile_totals(tiles)
     scales = (4, 2, 1)
     fig = Figure(figsize=(3 * 3.6, 6 * len(genes) + 0.5), layout="constrained")
     axes = fig.subplots(2 * len(genes), len(scales), squeeze=False)
-    for i, (gene, g) in enumerate(zip(genes, idx)):
+    for i, (gene, g, ch) in enumerate(zip(genes, idx, channels)):
         t = int(np.argmax(totals[:, g]))
         m = np.asarray(tiles.mask[t])
         for j, k in enumerate(scales):
-            maps = {"truth": _pool(tiles.counts[t, g], m, k), model: _pool(rates[t, g], m, k)}
+            maps = {"truth": _pool(tiles.counts[t, g], m, k), model: _pool(rates[t, ch], m, k)}
             titles = {n: f"{'truth' if n == 'truth' else 'prediction'}, {2 * k} µm" for n in maps}
             _draw_maps(fig, axes[2 * i : 2 * i + 2, j], maps, titles, shared_scale, 2 * k, relative)
         for r, what in enumerate(("truth (counts)", "prediction")):
