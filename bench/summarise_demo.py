@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-METRICS = ["pcc_2um_pooled", "pcc_4um_pooled", "pcc_8um_pooled", "ssim_2um_pertile", "ratio_pooled"]
+METRICS = ["pcc_2um_pooled", "pcc_8um_pooled", "scc_2um_pooled", "ssim_2um_pertile", "ratio_pooled"]
+COUNT_SCALE = {"ssim_2um_pertile", "ratio_pooled"}  # undefined for a ranking model's relative scores
 
 
 def evaluation_table(results):
@@ -31,18 +32,19 @@ def evaluation_table(results):
     relative = set(frame.loc[frame["relative"], "model"])
     df = frame.drop(columns="relative").groupby("model", sort=False)
     mean, sd = df.mean(numeric_only=True), df.std(numeric_only=True)
-    out = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    out = ["| model | " + " | ".join(METRICS) + " | PCC 8 µm / ceiling |", "|---" * (len(METRICS) + 2) + "|"]
     for model in mean.index:
         cells = []
         for m in METRICS:
-            if m == "ratio_pooled" and model in relative:
+            if m in COUNT_SCALE and model in relative:
                 cells.append("n/a (relative scores)")
                 continue
             cell = f"{mean.loc[model, m]:.3f} ± {sd.loc[model, m]:.3f}"
             if m != "ratio_pooled":
                 cell += f" (null {mean.loc[model, m + ' null']:.3f}, ceiling {mean.loc[model, m + ' ceiling']:.3f})"
             cells.append(cell)
-        out.append(f"| {model} | " + " | ".join(cells) + " |")
+        share = mean.loc[model, "pcc_8um_pooled"] / mean.loc[model, "pcc_8um_pooled ceiling"]
+        out.append(f"| {model} | " + " | ".join(cells) + f" | {share:.0%} |")
     return "\n".join(out)
 
 

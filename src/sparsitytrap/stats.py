@@ -441,10 +441,13 @@ def run_comparison(eval_dirs_a, eval_dirs_b, out_dir, metrics=STATS_METRICS, nam
     gene_b = pd.concat([g for _, g, _ in b], ignore_index=True)
     if categories is None and "category" in gene_a.columns:
         categories = dict(zip(gene_a["gene"], gene_a["category"]))
+    # the interval is of the same mean as delta_mean: over the genes every fold scored (see compare)
+    shared = set.intersection(*(set(g["gene"]) for _, g, _ in a + b))
+    tiles_a, tiles_b = ([t[t["gene"].isin(shared)] for *_, t in x] for x in (a, b))
     out = {k: [] for k in STATS_TABLES}
     for metric in metrics:
         tables = compare(gene_a, gene_b, metric, categories, names)
-        low, high = delta_ci([t for *_, t in a], [t for *_, t in b], metric, bootstrap, bootstrap_seed)
+        low, high = delta_ci(tiles_a, tiles_b, metric, bootstrap, bootstrap_seed)
         tables["summary"] = tables["summary"].assign(delta_ci_low=low, delta_ci_high=high)
         for k in STATS_TABLES:
             out[k].append(tables[k].rename(columns=lambda c, m=metric: c.replace(f"{m}_", "")).assign(metric=metric))
