@@ -72,7 +72,7 @@ def test_default_config_is_valid(cfg):
             "list_scope",
             "is not one of",
         ),
-        (lambda c: c["stats"].update(metrics=["pcc_16um_pooled"]), "stats.metrics[0]", "unknown metric"),
+        (lambda c: c["stats"].update(metrics=["pcc_32um_pooled"]), "stats.metrics[0]", "unknown metric"),
         (lambda c: c["factorial"]["cells"][0].update(loss="poisson"), "factorial.cells[0].loss", "has loss 'mse'"),
         (lambda c: c["factorial"]["reference"].update(decoder="unet"), "factorial.reference.decoder", "two decoders"),
         (

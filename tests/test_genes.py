@@ -87,9 +87,7 @@ def second_sdata(tmp_path_factory):
     return ingest(sample.outs, "T2", tmp_path_factory.mktemp("sdata2") / "T2.zarr")
 
 
-def test_leak_free_selection_chooses_each_folds_genes_on_its_training_samples_only(
-    sdata_zarr, second_sdata, tmp_path
-):
+def test_leak_free_selection_chooses_each_folds_genes_on_its_training_samples_only(sdata_zarr, second_sdata, tmp_path):
     from sparsitytrap.genes import fold_genes
 
     zarrs, n = [sdata_zarr, second_sdata], 6
