@@ -26,8 +26,10 @@ def snakemake(cores, configfile, *extra):
     if out.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     log = out.stdout + out.stderr
-    jobs = re.findall(r"^rule (\w+):", log, re.M)
-    return dt, jobs
+    steps = re.findall(r"(\d+) of (\d+) steps", log)  # "N of M steps (100%) done", last one
+    jobs = int(steps[-1][1]) - 1 if steps else 0  # the target rule `all` is one step
+    rules = sorted(set(re.findall(r"Job stats:\n(?:.*\n){2}((?:\w+ +\d+\n)+)", log)[0].split()[::2])) if steps else []
+    return dt, jobs, [r for r in rules if r not in ("all", "total")]
 
 
 def main():
@@ -51,10 +53,9 @@ def main():
     base = rows[0][1] if not args.reuse else None
     print(f"| run ({args.cores} cores) | wall s | jobs run | rules | vs from nothing |")
     print("|---|---|---|---|---|")
-    for name, dt, jobs in rows:
-        rules = ", ".join(sorted(set(jobs))) or "-"
+    for name, dt, jobs, rules in rows:
         ratio = f"{dt / base:.3f}" if base else "n/a"
-        print(f"| {name} | {dt:.1f} | {len(jobs)} | {rules} | {ratio} |")
+        print(f"| {name} | {dt:.1f} | {jobs} | {', '.join(rules) or '-'} | {ratio} |")
 
 
 if __name__ == "__main__":
