@@ -7,13 +7,12 @@ genes, about 95 % zero counts, float16 predictions as the predict stage writes t
    ``scipy.stats.spearmanr`` and ``skimage.metrics.structural_similarity`` called per (tile, gene),
    and the pooled Spearman against ``spearmanr`` per gene: time, speed ratio, max abs difference;
 2. one ``evaluate`` job (model + label-shuffle null + bootstrap, ceiling read from a csv, as the
-   workflow runs it) with this checkout's code and with the code of a git worktree (``--old``,
-   e.g. of HEAD before the speed-up): time per tile, extrapolated to 570 tiles (a real patient),
-   and the max abs difference of every number of ``per_gene.csv`` and ``per_tile.parquet``.
+   workflow runs it) with this checkout's code and with the code of git revision ``--old``
+   (checked out in a temporary worktree, e.g. the commit before the speed-up): time per tile,
+   extrapolated to 570 tiles (a real patient), and the max abs difference of every number of
+   ``per_gene.csv`` and ``per_tile.parquet``.
 
-    git worktree add /tmp/wt_old HEAD~1
-    .venv/bin/python bench/metrics.py --old /tmp/wt_old       # about 2 minutes on 2 cores
-    git worktree remove /tmp/wt_old
+    .venv/bin/python bench/metrics.py --old 17491c7       # about 2 minutes on 2 cores
 """
 
 import argparse
@@ -248,7 +247,7 @@ def main(argv=None):
     ap.add_argument("--tiles", type=int, default=14, help="tiles of the synthetic patient (demo: 14)")
     ap.add_argument("--genes", type=int, default=50)
     ap.add_argument("--batch-tiles", type=int, default=4, help="evaluation.batch_tiles")
-    ap.add_argument("--old", type=Path, help="a git worktree with the old implementation (its src/ is imported)")
+    ap.add_argument("--old", help="git revision of the old implementation (checked out in a temporary worktree)")
     ap.add_argument("--repeats", type=int, default=2, help="evaluate runs per implementation (the fastest counts)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -265,8 +264,20 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_stores(root, counts, pred, mask, grid)
-        old_src = args.old / "src" if args.old else None
-        best, diffs = evaluate_old_vs_new(root, old_src, args.repeats)
+        old_src = None
+        if args.old:
+            repo = Path(__file__).resolve().parents[1]
+            subprocess.run(
+                ["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(root / "old"), args.old], check=True
+            )
+            old_src = root / "old" / "src"
+        try:
+            best, diffs = evaluate_old_vs_new(root, old_src, args.repeats)
+        finally:
+            if args.old:
+                subprocess.run(
+                    ["git", "-C", str(repo), "worktree", "remove", "--force", str(root / "old")], check=False
+                )
     print("\n2. one evaluate job (model + label-shuffle null + 1000 bootstrap resamples; ceiling read from csv)")
     print("CPU seconds of the job's process (1 thread); wall seconds on this shared machine in brackets")
     print(f"{'code':6s} {'import s':>9s} {'evaluate s':>11s} {'(wall s)':>9s} {'s per tile':>11s} "

@@ -6,7 +6,7 @@ workflow does, and prints per model the mean over genes of each metric for every
 their mean and SD over seeds.
 
     python bench/seeds.py [--results results] [--fold test-P1] [--models E_hist2st_poisson D_hist2st_mse]
-                          [--seeds 42 1 2] [--work /tmp/st_seeds]
+                          [--seeds 42 1 2] [--work DIR]
 """
 
 import argparse
