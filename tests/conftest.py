@@ -123,7 +123,7 @@ def genes_csv(hd_sample, tmp_path_factory):
 
 # --- a copy of the workflow, for runs that must not touch the repository's results ----------
 
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "resources", "envs", "slurm", "tests/configs"]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "workflow", "resources", "envs", "slurm", "tests/configs", "config"]
 
 
 def copy_workflow(root, config=None):

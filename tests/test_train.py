@@ -528,3 +528,39 @@ def test_decoder_input_is_standardised_with_the_training_tokens(straight_run, co
     np.testing.assert_allclose(weights["token_norm.std"].numpy(), train.std(1), rtol=1e-4, atol=1e-6)
     with_val = np.concatenate([train, tokens(val_set)], axis=1)  # validation tiles would move the statistics
     assert not np.allclose(weights["token_norm.mean"].numpy(), with_val.mean(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model,how", [("E", "gene_mean"), ("D", "gene_mean"), ("E", "constant")])
+def test_each_gene_starts_at_its_training_mean(cohort, tmp_path, model, how):
+    from sparsitytrap.training.job import _build
+
+    config = make_config(cohort, head_start=how)
+    tiles = [cohort / "tiles" / f"{s}.zarr" for s in ("P1", "P2")]
+    features = [cohort / "features" / "tiny" / f"{s}.zarr" for s in ("P1", "P2")]
+    job = _build(stconfig.model_config(config, model), tiles, features, tmp_path, None, "test-P3", torch.device("cpu"))
+    head = job.trainer.model.head
+    # the training tiles' mean count per in-tissue bin, straight from the stores (never validation tiles)
+    counts = masks = 0.0
+    train_set, _, _ = split_samples(tiles, features, 0.25, 2, 0)  # make_config's split
+    for _, path, _, idx in train_set.sources:
+        root = zarr.open_group(str(path), mode="r")
+        m = root["mask"][:][idx].astype(np.float64)[:, None]
+        counts, masks = counts + (root["counts"][:][idx] * m).sum((0, 2, 3)), masks + m.sum()
+    mean = counts / masks
+    bias = head.conv.bias.detach().double().numpy()
+    if how == "constant":
+        assert np.all(bias == -3.0)
+    elif head.output == "log_rate":
+        np.testing.assert_allclose(np.exp(bias), np.maximum(mean, 1e-4), rtol=1e-5)
+    else:  # softplus rate (MSE)
+        np.testing.assert_allclose(np.log1p(np.exp(bias)), np.maximum(mean, 1e-4), rtol=1e-5)
+
+
+def test_head_start_is_checked(cohort, tmp_path):
+    from sparsitytrap.training.job import _build
+
+    config = make_config(cohort, head_start="median")
+    tiles = [cohort / "tiles" / f"{s}.zarr" for s in ("P1", "P2")]
+    features = [cohort / "features" / "tiny" / f"{s}.zarr" for s in ("P1", "P2")]
+    with pytest.raises(InputError, match="training.head_start: 'median' is not one of gene_mean, constant"):
+        _build(stconfig.model_config(config, "E"), tiles, features, tmp_path, None, "test-P3", torch.device("cpu"))

@@ -52,6 +52,18 @@ def test_default_config_plans_every_stage(tmp_path):
     assert {"figure_results_table", "figure_bar_chart", "figure_mosaic", "figure_rescue"} <= set(plan)
 
 
+def test_comparisons_config_adds_its_models_and_the_diffusion_stage(tmp_path):
+    root = copy_workflow(tmp_path)
+    base = yaml.safe_load((root / "config.yaml").read_text())
+    extra = yaml.safe_load((root / "config" / "comparisons.yaml").read_text())
+    plan = planned(root, "--configfile", "config.yaml", "config/comparisons.yaml")
+    n_samples = len(base["samples"])
+    n_models = len(base["models"]) + len(extra["models"])  # merged, not replaced
+    assert plan["train"] == plan["evaluate"] == n_models * n_samples, plan
+    assert plan["correct_diffusion"] == n_samples and plan["validate_diffusion"] == len(base["diffusion"]["validate"])
+    assert plan["stats"] == len(extra["comparisons"]), plan
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """tests/configs/tiny.yaml run end to end (the module's tests share this one run)."""

@@ -51,7 +51,7 @@ class TokenStandardizer(nn.Module):
     """Per-channel standardisation of the token grid with the training tiles' mean and std.
 
     Buffers (saved with the weights): training sets them once from the training tokens
-    (:func:`sparsitytrap.training.job.token_statistics`), prediction reuses them; the start is the
+    (:func:`sparsitytrap.training.job.training_statistics`), prediction reuses them; the start is the
     identity. It removes the offset all tokens of a channel share and brings every channel to unit spread.
     """
 

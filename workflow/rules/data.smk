@@ -57,6 +57,8 @@ rule select_genes:
         view(f"{R}/genes/genes.csv"),
     log:
         f"{R}/logs/select_genes.log",
+    benchmark:
+        f"{R}/benchmarks/select_genes.tsv"
     conda:
         "../../envs/sparsitytrap.yaml"
     resources:

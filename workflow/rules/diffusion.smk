@@ -34,6 +34,8 @@ rule corrected_tiles:
         directory(f"{R}/tiles_corrected/{{sample}}.zarr"),
     log:
         f"{R}/logs/corrected_tiles/{{sample}}.log",
+    benchmark:
+        f"{R}/benchmarks/corrected_tiles/{{sample}}.tsv"
     conda:
         "../../envs/sparsitytrap.yaml"
     resources:

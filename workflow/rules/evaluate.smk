@@ -16,6 +16,8 @@ rule ceiling:
         view(f"{R}/eval/ceiling/{{sample}}.csv"),
     log:
         f"{R}/logs/ceiling/{{sample}}.log",
+    benchmark:
+        f"{R}/benchmarks/ceiling/{{sample}}.tsv"
     conda:
         "../../envs/sparsitytrap.yaml"
     threads: 1
@@ -100,6 +102,8 @@ rule stats:
         summary_view=view(f"{R}/stats/{{comparison}}/summary.csv"),
     log:
         f"{R}/logs/stats/{{comparison}}.log",
+    benchmark:
+        f"{R}/benchmarks/stats/{{comparison}}.tsv"
     group:
         "summaries"
     conda:
@@ -129,6 +133,8 @@ rule factorial:
         view(f"{R}/stats/factorial_2x2.csv"),
     log:
         f"{R}/logs/stats/factorial.log",
+    benchmark:
+        f"{R}/benchmarks/stats/factorial.tsv"
     group:
         "summaries"
     conda:
@@ -148,6 +154,8 @@ rule figure_results_table:
         figure("results_table", "results_table", subcategory="Overview"),
     log:
         f"{R}/logs/figures/results_table.log",
+    benchmark:
+        f"{R}/benchmarks/figures/results_table.tsv"
     group:
         "summaries"
     conda:
@@ -165,6 +173,8 @@ rule figure_bar_chart:
         figure("bar_chart", "bar_chart", subcategory="Overview"),
     log:
         f"{R}/logs/figures/bar_chart.log",
+    benchmark:
+        f"{R}/benchmarks/figures/bar_chart.tsv"
     group:
         "summaries"
     conda:
@@ -184,6 +194,8 @@ rule figure_noise_ceiling:
         figure("noise_ceiling", "noise_ceiling", subcategory="Overview"),
     log:
         f"{R}/logs/figures/noise_ceiling.log",
+    benchmark:
+        f"{R}/benchmarks/figures/noise_ceiling.tsv"
     group:
         "summaries"
     conda:
@@ -201,6 +213,8 @@ rule figure_training_curves:
         figure("training_curves", "training_curves", subcategory="Overview"),
     log:
         f"{R}/logs/figures/training_curves.log",
+    benchmark:
+        f"{R}/benchmarks/figures/training_curves.tsv"
     group:
         "summaries"
     conda:
@@ -222,6 +236,8 @@ rule figure_sparsity_scatter:
         ),
     log:
         f"{R}/logs/figures/sparsity_scatter/{{comparison}}.log",
+    benchmark:
+        f"{R}/benchmarks/figures/sparsity_scatter/{{comparison}}.tsv"
     group:
         "summaries"
     conda:
@@ -242,6 +258,8 @@ rule figure_heatmap:
         figure("heatmap/{comparison}", "heatmap", "Comparisons", "{comparison}"),
     log:
         f"{R}/logs/figures/heatmap/{{comparison}}.log",
+    benchmark:
+        f"{R}/benchmarks/figures/heatmap/{{comparison}}.tsv"
     group:
         "summaries"
     conda:
@@ -264,6 +282,8 @@ rule figure_rescue:
         figure("rescue/{comparison}/{fold}", "rescue", "Comparisons", "{comparison}"),
     log:
         f"{R}/logs/figures/rescue/{{comparison}}/{{fold}}.log",
+    benchmark:
+        f"{R}/benchmarks/figures/rescue/{{comparison}}/{{fold}}.tsv"
     group:
         "summaries"
     conda:
@@ -288,6 +308,8 @@ rule figure_mosaic:
         figure("mosaic/{fold}/{gene}", "mosaic", "Mosaics", "{fold}"),
     log:
         f"{R}/logs/figures/mosaic/{{fold}}/{{gene}}.log",
+    benchmark:
+        f"{R}/benchmarks/figures/mosaic/{{fold}}/{{gene}}.tsv"
     group:
         "summaries"
     conda:
@@ -307,6 +329,8 @@ rule figure_multiscale:
         figure("multiscale/{fold}", "multiscale", "Multi-scale", "{fold}"),
     log:
         f"{R}/logs/figures/multiscale/{{fold}}.log",
+    benchmark:
+        f"{R}/benchmarks/figures/multiscale/{{fold}}.tsv"
     group:
         "summaries"
     conda:
@@ -326,6 +350,8 @@ rule figure_resolution_sweep:
         figure("resolution_sweep", "resolution_sweep", subcategory="Overview"),
     log:
         f"{R}/logs/figures/resolution_sweep.log",
+    benchmark:
+        f"{R}/benchmarks/figures/resolution_sweep.tsv"
     group:
         "summaries"
     conda:

@@ -90,6 +90,8 @@ rule overlay:
         directory(f"{R}/predictions/{{fold}}.zarr"),
     log:
         f"{R}/logs/overlay/{{fold}}.log",
+    benchmark:
+        f"{R}/benchmarks/overlay/{{fold}}.tsv"
     conda:
         "../../envs/sparsitytrap.yaml"
     resources:

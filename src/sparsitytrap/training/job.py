@@ -130,9 +130,10 @@ def _build(model_cfg, tiles, features, out_dir, encoder_cfg, fold, device):
         encoder, jitter = _build_encoder(encoder_cfg, device)
         info["dim"] = encoder.dim
     loss, model, decoder_kwargs = _build_model(model_cfg, info, device)
-    mean, std = token_statistics(train_set, encoder)
+    mean, std, gene_mean = training_statistics(train_set, encoder)
     model.token_norm.mean.copy_(mean)
     model.token_norm.std.copy_(std)
+    start_head_at(model.head, gene_mean, t.get("head_start", "gene_mean"))
     params = list(model.parameters()) + [p for p in loss.parameters() if p.requires_grad]  # + NB dispersions
     optimizer, scheduler = build_optimizer(params, t, len(train_set))
     n_genes = len(info["genes"])
@@ -174,24 +175,48 @@ def _build_model(model_cfg, info, device):
 
 
 @torch.no_grad()
-def token_statistics(dataset, encoder=None):
-    """Per-channel mean and std of the training tiles' tokens (identity view): the decoder's input standardisation.
+def training_statistics(dataset, encoder=None):
+    """What the decoder starts from, from the training tiles only (identity view, never validation or test).
 
-    Training tiles only (never validation or test); float64 sums, so the result does not depend on the
-    tile order. `encoder` encodes the images when there is no feature cache (colour jitter).
+    Returns the per-channel mean and std of the tokens (the input standardisation) and each gene's
+    mean count per in-tissue bin (the head's starting bias). float64 sums, so the result does not
+    depend on the tile order. `encoder` encodes the images when there is no feature cache (colour jitter).
     """
     from ..encoder import token_grid
 
-    total = squares = 0.0
-    n = 0
+    total = squares = counts = 0.0
+    n = bins = 0
     for i in range(len(dataset)):
-        x = dataset[(i, 0)]["x"]
-        x = token_grid(encoder, x[None])[0] if encoder is not None else x
+        item = dataset[(i, 0)]
+        x = token_grid(encoder, item["x"][None])[0] if encoder is not None else item["x"]
         flat = x.flatten(1).double()  # [D, h*w]
         total, squares, n = total + flat.sum(1), squares + flat.square().sum(1), n + flat.shape[1]
+        mask = item["mask"].double()
+        counts, bins = counts + (item["target"].double() * mask).sum((1, 2)), bins + float(mask.sum())
     mean = total / n
     std = (squares / n - mean.square()).clamp(min=0).sqrt()
-    return mean.float(), std.clamp(min=1e-6).float()  # a constant channel stays finite
+    gene_mean = counts / max(bins, 1.0)
+    return mean.float(), std.clamp(min=1e-6).float(), gene_mean  # a constant channel stays finite
+
+
+#: Lowest starting rate per bin: a gene never seen in the training tissue starts finite.
+MIN_START_RATE = 1e-4
+
+
+@torch.no_grad()
+def start_head_at(head, gene_mean, how="gene_mean"):
+    """Start each gene's output at its training mean (``training.head_start: gene_mean``), or at the
+    decoder's constant bias (``constant``). Rates span orders of magnitude between genes; from a
+    constant start the first epochs only learn each gene's level. A ranking score has no level.
+    """
+    if how == "constant" or head.output == "score":
+        return
+    if how != "gene_mean":
+        raise InputError("training.head_start", f"{how!r} is not one of gene_mean, constant")
+    rate = gene_mean.clamp(min=MIN_START_RATE)
+    # log-rate for the likelihood losses; softplus's inverse log(expm1(r)) for the MSE rate
+    bias = rate.log() if head.output == "log_rate" else torch.expm1(rate).log()
+    head.conv.bias.copy_(bias.to(head.conv.bias))
 
 
 def at_train_um(loss, training):
