@@ -108,7 +108,7 @@ def test_ranks_by_counting_match_rankdata_and_the_sort():
         assert rank_keys(x) is not None, x.dtype  # each takes the counting path
         ref = ss.rankdata(x.to(torch.float64).numpy(), axis=1)
         np.testing.assert_array_equal(M.average_ranks(x).numpy(), ref, err_msg=str(x.dtype))
-        np.testing.assert_array_equal(M.average_ranks(x).numpy(), _sorted_ranks(x.to(torch.float64)).numpy())
+        np.testing.assert_array_equal(M.average_ranks(x).numpy(), _sorted_ranks(x.to(torch.float64).numpy()))
         valid = torch.tensor(rng.random(x.shape) < 0.6)
         got = M.average_ranks(x, valid).numpy()
         for row in range(x.shape[0]):
@@ -292,3 +292,25 @@ def test_bad_batches_raise_one_line_input_error(change, fault):
         gm.update(*change(rate, counts, mask))
     assert str(err.value).startswith("results/models/E/test-P1/predictions.zarr: ")
     assert "\n" not in str(err.value)
+
+
+def test_shared_count_side_changes_no_number():
+    """A model and its null sharing the count side (per batch and the pooled Spearman's counts) score as if alone."""
+    rate, counts, mask = batch(14, t=6, g=3, h=16, w=16)
+    partner = rate[torch.tensor([3, 0, 5, 1, 2, 4])]
+    alone_model, alone_null = M.GeneMetrics(3), M.GeneMetrics(3)
+    model = M.GeneMetrics(3, keep_sums=True)
+    null = M.GeneMetrics(3, counts_of=model)
+    for t0 in (0, 2, 4):
+        s = slice(t0, t0 + 2)
+        alone_model.update(rate[s], counts[s], mask[s])
+        alone_null.update(partner[s], counts[s], mask[s])
+        shared = {}
+        model.update(rate[s], counts[s], mask[s], shared)
+        null.update(partner[s], counts[s], mask[s], shared)
+    assert model.table().equals(alone_model.table())
+    assert null.table().equals(alone_null.table())
+    assert not model.table().equals(null.table())
+    sums = model.tile_sums()[1].sum(0)  # the per-tile sums add up to the pooled Pearson
+    constant = np.zeros(3, dtype=bool)
+    np.testing.assert_allclose(M.pearson_from_sums(sums[:, :6], constant), model.table()["pcc_2um_pooled"], atol=1e-12)

@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 
 from . import metrics as M
-from .bins import pool_masked
 from .bootstrap import interval, replicates
 from .errors import InputError
 from .io import write_csv
@@ -62,41 +61,11 @@ def _truth_window(truth_zarr, genes, origin, tile_bins):
 
 
 # ---------------------------------------------------------------------------------------------
-# per (tile, gene) sufficient statistics
-
-
-def tile_sums(pred, target, mask, k):
-    """Per (tile, gene) pooled-Pearson sums and tissue ranges, after sum-pooling by ``k``.
-
-    Summing the sums over any multiset of tiles (and taking the min and max of the ranges) gives
-    that multiset's pooled Pearson by :func:`sparsitytrap.metrics.pearson_from_sums`, so a
-    bootstrap over tiles needs no second pass over the data.
-
-    Returns
-    -------
-    ``[T, G, 10]`` float64 numpy array: :data:`SUMS` then :data:`RANGES` (NaN range: no tissue).
-    """
-    x, y = pred.to(M.F64), target.to(M.F64)
-    # at k = 1 the pooling would only mask, which the multiply below does anyway
-    x, y, m = (x, y, mask) if k == 1 else pool_masked(x, y, mask, k)
-    tissue = m[:, None].expand_as(x)
-    mf = tissue.to(M.F64)
-    x, y = x * mf, y * mf
-    n = mf.sum((2, 3))
-    parts = [n, x.sum((2, 3)), y.sum((2, 3)), (x * x).sum((2, 3)), (y * y).sum((2, 3)), (x * y).sum((2, 3))]
-    inf = torch.tensor(float("inf"), dtype=M.F64)
-    for v in (x, y):
-        lo, hi = torch.where(tissue, v, inf).amin((2, 3)), torch.where(tissue, v, -inf).amax((2, 3))
-        parts += [torch.where(n > 0, lo, torch.nan), torch.where(n > 0, hi, torch.nan)]
-    return torch.stack(parts, dim=-1).numpy()
-
-
-# ---------------------------------------------------------------------------------------------
 # the evaluation
 
 
-def _metrics(n_genes, ssim_min_tissue, source):
-    return M.GeneMetrics(n_genes, scales=SCALES, bin_um=2.0, ssim_min_tissue=ssim_min_tissue, source=source)
+def _metrics(n_genes, ssim_min_tissue, source, **kwargs):
+    return M.GeneMetrics(n_genes, scales=SCALES, bin_um=2.0, ssim_min_tissue=ssim_min_tissue, source=source, **kwargs)
 
 
 def _batches(n_tiles, batch_tiles):
@@ -322,20 +291,19 @@ def _stream(pred, tiles, perm, batch_tiles, ssim_min_tissue, source, gene_index=
     """
     counts, mask = tiles.counts, tiles.mask
     n_tiles, n_genes = pred.shape[:2]
-    gm_model, gm_null = _metrics(n_genes, ssim_min_tissue, source), _metrics(n_genes, ssim_min_tissue, source)
-    sums = {k: [] for k in SCALES}
+    gm_model = _metrics(n_genes, ssim_min_tissue, source, keep_sums=True)
+    gm_null = _metrics(n_genes, ssim_min_tissue, source, counts_of=gm_model)
     for t0, t1 in _batches(n_tiles, batch_tiles):
         y = np.asarray(counts[t0:t1])
         y = torch.from_numpy(y if gene_index is None else y[:, gene_index])
         m = torch.from_numpy(np.asarray(mask[t0:t1])).bool()
         p = torch.from_numpy(np.asarray(pred[t0:t1]))
-        gm_model.update(p, y, m)
-        for k in SCALES:
-            sums[k].append(tile_sums(p, y, m, k))
+        shared = {}  # the count side of this batch, computed once for the model and the null
+        gm_model.update(p, y, m, shared)
         partner = torch.from_numpy(np.stack([np.asarray(pred[int(i)]) for i in perm[t0:t1]]))
-        gm_null.update(partner, y, m)
+        gm_null.update(partner, y, m, shared)
         log.info("evaluated tiles %d-%d of %d", t0, t1, n_tiles)
-    return gm_model, gm_null, {k: np.concatenate(v) for k, v in sums.items()}
+    return gm_model, gm_null, gm_model.tile_sums()
 
 
 def evaluate(
@@ -378,7 +346,8 @@ def evaluate(
         else the two folders above ``pred_zarr``.
     batch_tiles
         Tiles per batch (memory: a few ``batch_tiles * G * 128 * 128 * 8`` bytes; the pooled
-        Spearman keeps ``2 * tissue bins * G * 4`` bytes per set of metrics).
+        Spearman keeps ``tissue bins * G * 4`` bytes of counts, and as many of predictions for the
+        model and for the null).
     shuffle_seed
         Seed of the label-shuffle derangement and of the split-half thinning.
     bootstrap, bootstrap_seed

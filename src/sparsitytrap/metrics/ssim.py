@@ -11,15 +11,19 @@ SSIM_MIN_RANGE = 1e-6
 
 
 def _box_sums(z, win):
-    # valid win x win window sums (skimage's uniform_filter, cropped) from cumulative sums: two
-    # passes instead of win^2 per bin, the differences taken in place in the cumulative sums
-    # (fewer float64 temporaries); rounding stays ~1e-14 for data in [0, 1]
-    for dim in (-2, -1):
-        c = z.cumsum(dim)
-        n = c.shape[dim]
-        z = c.narrow(dim, win - 1, n - win + 1)
-        z.narrow(dim, 1, n - win).sub_(c.narrow(dim, 0, n - win).clone())
-    return z
+    # valid win x win window sums (skimage's uniform_filter, cropped): down the rows as win - 1
+    # adds of whole shifted blocks (contiguous, vectorised), along the rows as differences of a
+    # cumulative sum; rounding stays ~1e-14 for data in [0, 1]
+    n = z.shape[-2] - win + 1
+    v = z.narrow(-2, 0, n).clone()
+    for d in range(1, win):
+        v += z.narrow(-2, d, n)
+    c = v.cumsum(-1)
+    m = c.shape[-1] - win + 1
+    out = torch.empty((*c.shape[:-1], m), dtype=c.dtype, device=c.device)
+    out[..., 0] = c[..., win - 1]
+    torch.sub(c.narrow(-1, win, m - 1), c.narrow(-1, 0, m - 1), out=out.narrow(-1, 1, m - 1))
+    return out
 
 
 def ssim_images(a, b, win=SSIM_WIN, data_range=1.0):
@@ -57,7 +61,7 @@ def ssim_images(a, b, win=SSIM_WIN, data_range=1.0):
     return num.div_(den).mean(dim=(1, 2))
 
 
-def ssim_per_tile(pred, target, mask, ssim_min_tissue=SSIM_MIN_TISSUE, chunk=16):
+def ssim_per_tile(pred, target, mask, ssim_min_tissue=SSIM_MIN_TISSUE, chunk=4):
     """SSIM at native resolution per (tile, gene), the seeds' definition (see module docstring).
 
     Parameters
@@ -69,7 +73,8 @@ def ssim_per_tile(pred, target, mask, ssim_min_tissue=SSIM_MIN_TISSUE, chunk=16)
     ssim_min_tissue
         Tiles need a tissue fraction above this.
     chunk
-        Image pairs per step: small chunks keep the float64 moments in cache (a few times faster).
+        Image pairs per step: small chunks keep the float64 moments in cache (4 pairs: 2.6 MB of
+        moments; 16 pairs ran about 20 % slower, 1 pair 25 %).
 
     Returns
     -------

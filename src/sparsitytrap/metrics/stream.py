@@ -1,15 +1,26 @@
 """Streamed accumulators: every per-gene metric of one evaluation, fed batch by batch."""
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..bins import pool_masked
+from ..bins import pool_mask, sum_pool
 from ..errors import InputError
 from ._tensors import F64, _as_tensor, _tissue_values
-from .correlation import _pearson_from_centered, average_ranks, pearson_from_sums, pearson_per_tile, spearman_per_tile
+from .correlation import (
+    TileSide,
+    _pearson_from_centered,
+    average_ranks,
+    centred_tile_ranks,
+    centred_tiles,
+    pearson_from_sums,
+    pearson_per_tile,
+    spearman_per_tile,
+    tile_correlation,
+)
 from .ssim import SSIM_MIN_TISSUE, ssim_per_tile
 
 DEVIANCE_EPS = 1e-8
@@ -36,7 +47,10 @@ class PearsonAccumulator:
 
     def update(self, pred, target, mask):
         """Add one batch ``pred, target [T, G, H, W]``, ``mask [T, H, W]``."""
-        x, y = _tissue_values(pred.to(F64), mask), _tissue_values(target.to(F64), mask)
+        self.add(_tissue_values(pred.to(F64), mask), _tissue_values(target.to(F64), mask))
+
+    def add(self, x, y):
+        """Add tissue values ``x, y [G, n]`` (float64) of one batch."""
         if x.shape[1] == 0:
             return
         if self._sums is None:
@@ -97,7 +111,11 @@ class TileMetricAccumulator:
 
     def update(self, pred, target, mask):
         """Score one batch and keep its ``[T, G]`` values (small: tiles x genes)."""
-        self._values.append(self.metric(pred, target, mask).cpu().numpy())
+        self.add(self.metric(pred, target, mask))
+
+    def add(self, values):
+        """Keep the ``[T, G]`` values (tensor or numpy) of one batch, scored elsewhere."""
+        self._values.append(values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values))
 
     @property
     def values(self):
@@ -132,32 +150,59 @@ class SpearmanAccumulator:
     Ranks need every bin of the patient at once, so the tissue values of every gene are kept
     on the CPU, float16 predictions as float16, everything else as float32: at most
     2 x tissue bins x genes x 4 bytes (one patient of about 5 million tissue bins and 50 genes:
-    2 GB; 1.5 GB with float16 predictions). Fine for evaluation-sized gene panels, not for a
-    whole transcriptome. Ties (zero counts) get average ranks, by counting for counts and float16.
+    2 GB; 1.5 GB with float16 predictions; an accumulator given ``counts_of`` keeps no counts of
+    its own). Fine for evaluation-sized gene panels, not for a whole transcriptome. Ties (zero
+    counts) get average ranks (:func:`average_ranks`: counted for counts and float16).
     """
 
-    def __init__(self, n_genes):
+    def __init__(self, n_genes, counts_of=None):
         self.n_genes = n_genes
-        self._x, self._y = [], []
+        self._x = []
+        # accumulators fed the same targets (a model and its label-shuffle null) keep the counts
+        # once, in the first one, and rank them once per gene for all of them
+        self._group = [] if counts_of is None else counts_of._group
+        self._group.append(self)
+        self._y = self._group[0]._y if counts_of is not None else []
+        self._rho = None
 
     def update(self, pred, target, mask):
         """Keep the tissue values of one batch."""
-        self._x.append(_stored(_tissue_values(pred, mask)))
-        self._y.append(_stored(_tissue_values(target, mask)))
+        self.add(_tissue_values(pred, mask), _tissue_values(target, mask))
+
+    def add(self, x, y):
+        """Keep tissue values ``x, y [G, n]`` of one batch (``y`` only by the first of a group)."""
+        self._x.append(_stored(x))
+        if self is self._group[0]:
+            self._y.append(_stored(y))
+        for acc in self._group:
+            acc._rho = None
 
     def compute(self):
         """Per-gene Spearman rho, ``[G]`` numpy float64 (NaN: < 2 bins or a constant side)."""
-        rho = np.full(self.n_genes, np.nan)
-        if not self._x or sum(c.shape[1] for c in self._x) < 2:
-            return rho
-        for g in range(self.n_genes):  # one gene at a time bounds the memory of the ranks
-            x = torch.cat([c[g] for c in self._x])
-            y = torch.cat([c[g] for c in self._y])
-            if x.min() == x.max() or y.min() == y.max():
-                continue
-            rx, ry = average_ranks(x), average_ranks(y)
-            rho[g] = float(_pearson_from_centered(rx - rx.mean(), ry - ry.mean(), 0).clamp(-1, 1))
-        return rho
+        if self._rho is None:
+            rhos = _pooled_spearman(self._y, [acc._x for acc in self._group], self.n_genes)
+            for acc, rho in zip(self._group, rhos):
+                acc._rho = rho
+        return self._rho.copy()
+
+
+def _pooled_spearman(ys, xss, n_genes):
+    """Per-gene Spearman of each list of ``x`` chunks in ``xss`` against the ``y`` chunks ``ys``."""
+    rhos = [np.full(n_genes, np.nan) for _ in xss]
+    if not ys or sum(c.shape[1] for c in ys) < 2:
+        return rhos
+    for g in range(n_genes):  # one gene at a time bounds the memory of the ranks
+        y = torch.cat([c[g] for c in ys])
+        if y.min() == y.max():
+            continue
+        ry = average_ranks(y)
+        ry = ry - ry.mean()
+        for rho, xs in zip(rhos, xss):
+            x = torch.cat([c[g] for c in xs])
+            if x.min() != x.max():
+                rx = average_ranks(x)
+                rho[g] = float(_pearson_from_centered(rx - rx.mean(), ry, 0).clamp(-1, 1))
+    return rhos
 
 
 class CountAccumulator:
@@ -165,21 +210,27 @@ class CountAccumulator:
 
     def __init__(self, n_genes):
         self.n_genes = n_genes
-        self._sums = torch.zeros(4, n_genes, dtype=F64)  # sum pred, sum target, deviance, zeros
+        self._sums = np.zeros((4, n_genes))  # sum pred, sum target, deviance, zeros
         self._n = 0
 
     def update(self, pred, target, mask):
         """Add one batch."""
-        mu = _tissue_values(pred.to(F64), mask)
-        y = _tissue_values(target.to(F64), mask)
-        dev = torch.xlogy(y, y) - torch.xlogy(y, mu.clamp(min=DEVIANCE_EPS)) - (y - mu)
-        batch = torch.stack([mu.sum(1), y.sum(1), 2 * dev.sum(1), (y == 0).sum(1).to(F64)])
-        self._sums += batch.cpu()
+        self.add(_tissue_values(pred.to(F64), mask), _tissue_values(target.to(F64), mask))
+
+    def add(self, mu, y):
+        """Add tissue values ``mu, y [G, n]`` (float64 tensors) of one batch."""
+        mu, y = mu.cpu().numpy(), y.cpu().numpy()
+        # 2 (y log(y / mu) - (y - mu)) summed: y log(y / mu) only where y > 0 (most counts are 0)
+        nz = y > 0
+        yn, mun = y[nz], np.maximum(mu[nz], DEVIANCE_EPS)
+        log_ratio = np.bincount(np.nonzero(nz)[0], weights=yn * (np.log(yn) - np.log(mun)), minlength=self.n_genes)
+        s_mu, s_y = mu.sum(1), y.sum(1)
+        self._sums += np.stack([s_mu, s_y, 2 * (log_ratio - s_y + s_mu), y.shape[1] - nz.sum(1)])
         self._n += mu.shape[1]
 
     def compute(self):
         """Dict of ``[G]`` arrays: ratio, deviance, sparsity, mean_pred, mean_target."""
-        s = self._sums.numpy()
+        s = self._sums
         n = self._n if self._n else np.nan
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = np.where(s[1] > 0, s[0] / s[1], np.nan)
@@ -223,6 +274,64 @@ def check_batch(pred, target, mask, n_genes, max_pool=1, source="batch"):
     return pred, target, mask
 
 
+@dataclass
+class _Side:
+    """One side (predictions or counts) of a batch at one pooling: what every metric takes from it."""
+
+    x: torch.Tensor  # float64 [T, G, h, w]; masked and sum-pooled when pooled
+    mask: torch.Tensor  # [T, h, w] bool, max-pooled when pooled
+    counts: np.ndarray  # [T] tissue bins per tile
+    values: torch.Tensor  # tissue values [G, n], float64, tiles in order
+    stored: torch.Tensor  # tissue values for ranks (float16 predictions stay float16: ranked by their bits)
+    centred: TileSide  # centred_tiles
+    ranks: TileSide | None  # centred_tile_ranks; None without Spearman
+    pooled: bool  # k > 1
+
+
+def _side(x, x64, mask, k, spearman):
+    """The :class:`_Side` of ``x`` (``x64``: it as float64) at pooling ``k``."""
+    if k == 1:  # no masking needed: every metric looks at tissue bins only
+        p, m, raw = x64, mask, x
+    else:
+        p, m = sum_pool(x64 * mask[:, None].to(F64), k), pool_mask(mask, k)
+        raw = p
+    counts = m.sum((1, 2)).cpu().numpy()
+    values = _tissue_values(p, m)
+    stored = values if raw is p else _tissue_values(raw, m)
+    ranks = centred_tile_ranks(stored, counts) if spearman else None
+    return _Side(p, m, counts, values, stored, centred_tiles(values, counts), ranks, k > 1)
+
+
+def _shared_side(shared, target, mask, k, spearman):
+    """The target's :class:`_Side`, computed once per batch and kept in ``shared``."""
+    key = ("target", k, spearman)
+    if key not in shared:
+        if "target64" not in shared:
+            shared["target64"] = target.to(F64)
+        shared[key] = _side(target, shared["target64"], mask, k, spearman)
+    return shared[key]
+
+
+def tile_sums(a, b):
+    """Per (tile, gene) pooled-Pearson sums and tissue ranges of two :class:`_Side` s.
+
+    Summing the sums over any multiset of tiles (and taking the min and max of the ranges) gives
+    that multiset's pooled Pearson by :func:`pearson_from_sums`, so a bootstrap over tiles needs
+    no second pass over the data.
+
+    Returns
+    -------
+    ``[T, G, 10]`` float64 numpy array: n and the sums of x, y, xx, yy, xy, then min x, max x,
+    min y, max y (NaN range: no tissue).
+    """
+    # pooled sides are masked already (a pooled bin off tissue sums zeros only)
+    x, y = (a.x, b.x) if a.pooled else (a.x * a.mask[:, None], b.x * b.mask[:, None])
+    n = torch.from_numpy(a.counts.astype(np.float64))[:, None].expand(x.shape[:2])
+    parts = [n, x.sum((2, 3)), y.sum((2, 3)), (x * x).sum((2, 3)), (y * y).sum((2, 3)), (x * y).sum((2, 3))]
+    parts += [torch.from_numpy(r) for side in (a, b) for r in (side.centred.lo, side.centred.hi)]
+    return torch.stack(parts, dim=-1).cpu().numpy()
+
+
 class GeneMetrics:
     """Every per-gene metric of one evaluation, fed batch by batch.
 
@@ -240,6 +349,11 @@ class GeneMetrics:
         SSIM tiles need a tissue fraction above this.
     source
         Name used in error messages (e.g. the predictions' path).
+    keep_sums
+        Keep the per (tile, gene) pooled-Pearson sums of every scale (:meth:`tile_sums`).
+    counts_of
+        A :class:`GeneMetrics` (same scales) fed the same targets batch by batch, before this one
+        (a model, for its label-shuffle null): the pooled Spearman keeps and ranks the counts once.
 
     Examples
     --------
@@ -258,6 +372,8 @@ class GeneMetrics:
         ssim=True,
         ssim_min_tissue=SSIM_MIN_TISSUE,
         source="batch",
+        keep_sums=False,
+        counts_of=None,
     ):
         self.n_genes = n_genes
         self.scales = tuple(int(k) for k in scales)
@@ -272,7 +388,7 @@ class GeneMetrics:
             um = f"{bin_um * k:g}um"
             self._scc[k] = (
                 f"scc_{um}",
-                SpearmanAccumulator(n_genes),
+                SpearmanAccumulator(n_genes, counts_of=counts_of and counts_of._scc[k][1]),
                 TileMetricAccumulator(n_genes, spearman_per_tile),
             )
         self._ssim = None
@@ -280,23 +396,36 @@ class GeneMetrics:
             fn = functools.partial(ssim_per_tile, ssim_min_tissue=ssim_min_tissue)
             self._ssim = (f"ssim_{native}", TileMetricAccumulator(n_genes, fn))
         self._counts = CountAccumulator(n_genes)
+        self._sums = {k: [] for k in self.scales} if keep_sums else None
 
-    def update(self, pred, target, mask):
-        """Add one batch: ``pred, target [T, G, H, W]``, ``mask [T, H, W]`` (tensors or arrays)."""
+    def update(self, pred, target, mask, shared=None):
+        """Add one batch: ``pred, target [T, G, H, W]``, ``mask [T, H, W]`` (tensors or arrays).
+
+        ``shared``: a dict the caller keeps for one batch and passes to every :class:`GeneMetrics`
+        scoring a prediction against the same target and mask (a model and its label-shuffle null),
+        so that the count side (pooling, tissue values, ranks) is computed once.
+        """
         pred, target, mask = check_batch(pred, target, mask, self.n_genes, max(self.scales), self.source)
-        p64, t64 = pred.to(F64), target.to(F64)  # converted once for every scale
-        for k, (_, pooled, pertile) in self._pcc.items():
-            # at k = 1 masking is not needed: both accumulators look at tissue bins only
-            p, t, m = (p64, t64, mask) if k == 1 else pool_masked(p64, t64, mask, k)
-            pooled.update(p, t, m)
-            pertile.update(p, t, m)
-            if k in self._scc:  # ranks at 2 um from the float16 predictions themselves (counted, not sorted)
-                sp, st = (pred, target) if k == 1 else (p, t)
-                self._scc[k][1].update(sp, st, m)
-                self._scc[k][2].update(sp, st, m)
+        shared = {} if shared is None else shared
+        p64 = pred.to(F64)  # converted once for every scale
+        spearman = bool(self._scc)
+        native = None
+        for k in self.scales:
+            a = _side(pred, p64, mask, k, spearman)
+            native = a if k == 1 else native
+            b = _shared_side(shared, target, mask, k, spearman)
+            _, pooled, pertile = self._pcc[k]
+            pooled.add(a.values, b.values)
+            pertile.add(tile_correlation(a.centred, b.centred))
+            if k in self._scc:
+                self._scc[k][1].add(a.stored, b.stored)
+                self._scc[k][2].add(tile_correlation(a.ranks, b.ranks))
+            if self._sums is not None:
+                self._sums[k].append(tile_sums(a, b))
         if self._ssim:
             self._ssim[1].update(pred, target, mask)
-        self._counts.update(pred, target, mask)
+        native = native or _side(pred, p64, mask, 1, False)
+        self._counts.add(native.values, _shared_side(shared, target, mask, 1, spearman).values)
 
     def table(self, genes=None):
         """One row per gene: pcc_*_pooled, pcc_*_pertile, scc_*, ssim_*, ssim_pairs, ratio, ...
@@ -323,6 +452,10 @@ class GeneMetrics:
         cols.update(self._counts.compute())
         cols["n_bins"] = self._counts._n
         return pd.DataFrame(cols)
+
+    def tile_sums(self):
+        """Per (tile, gene) sums of every scale, ``{k: [T, G, 10]}`` (:func:`tile_sums`; needs ``keep_sums``)."""
+        return {k: np.concatenate(v) for k, v in self._sums.items()}
 
     def per_tile(self):
         """Per-(tile, gene) values ``[T, G]`` of the per-tile metrics, for bootstraps over tiles."""
