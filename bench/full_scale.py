@@ -7,6 +7,9 @@ it above ``--mem-limit-gib`` (the stage is then reported as killed, not hidden).
 
     .venv/bin/python bench/full_scale.py [--work DIR (default: $TMPDIR/st_full)] [--stages simulate ingest genes tile]
 
+``--side N`` simulates an N x N bin capture area instead (e.g. 1150 or 1625: an eighth or a
+quarter of the area), to check that a stage's peak grows linearly with the bins.
+
 Stages read the previous stage's output from the work folder, so a run can be resumed with
 ``--stages``. Results accumulate in ``WORK/results.json``; the table printed at the end covers
 every stage measured so far. Logs of each stage are in ``WORK/<stage>.log``.
@@ -52,7 +55,8 @@ def stage_simulate(a, p):
 
     from sparsitytrap.simulate import simulate_patient
 
-    simulate_patient(p["patient"], a.sample, {"preset": a.preset, "seed": a.seed})
+    size = {"n_rows": a.side, "n_cols": a.side} if a.side else {}
+    simulate_patient(p["patient"], a.sample, {"preset": a.preset, "seed": a.seed, **size})
     derived = json.loads((p["patient"] / "params.json").read_text())["derived"]
     params = json.loads((p["patient"] / "params.json").read_text())["params"]
     with h5py.File(p["outs"] / "binned_outputs" / "square_002um" / "filtered_feature_bc_matrix.h5") as f:
@@ -165,6 +169,8 @@ def run_stage(a, stage):
         str(a.n_genes),
         "--bins",
         a.bins,
+        "--side",
+        str(a.side),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     print(f"[{time.strftime('%H:%M:%S')}] {stage}: started (log {work / (stage + '.log')})", flush=True)
@@ -227,6 +233,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--preset", default="full", help="simulation preset ('demo' for a quick smoke run)")
     ap.add_argument("--n-genes", type=int, default=50)
+    ap.add_argument("--side", type=int, default=0, help="bins per side of the capture area (0: the preset's)")
     ap.add_argument("--bins", default="labels", choices=("labels", "squares", "circles"), help="ingest.bins")
     ap.add_argument("--mem-limit-gib", type=float, default=22.0, help="kill a stage above this machine memory")
     ap.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)

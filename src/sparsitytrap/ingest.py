@@ -4,6 +4,9 @@ The reader (``spatialdata_io.visium_hd``) fails on bad folders with bare asserti
 KeyErrors deep inside; :func:`validate_spaceranger` checks every requirement first and names
 the file and the fault. It reads only what it needs (parquet schema and columns, HDF5 barcodes,
 JSON, image headers), so it stays cheap on 10 million bins.
+
+:func:`ingest` reads the 2 um bins only and lets arrow return what the reader's parquet read
+frees (`_arrow_returns_memory`): a full capture area then peaks at about 6.5 GiB, not 9.1.
 """
 
 import contextlib
@@ -253,13 +256,37 @@ def _image_errors(image):
         raise
 
 
-#: How spatialdata-io represents the bins the tables annotate: a labels raster per bin size, or one
-#: polygon (square) or point with a radius (circle) per bin.
+@contextlib.contextmanager
+def _arrow_returns_memory():
+    """Arrow allocates from jemalloc, returning freed pages at once, instead of its default pool.
+
+    The reader's parquet read of the bin positions frees about 1.5 GiB on a full capture area;
+    arrow's default pool (mimalloc) keeps those pages while the reader goes on to build its
+    shapes, and that retention is what took ingestion past 8 GiB.
+    """
+    previous = pa.default_memory_pool()
+    try:
+        pool = pa.jemalloc_memory_pool()
+        pa.jemalloc_set_decay_ms(0)
+    except NotImplementedError:  # pyarrow built without jemalloc: the system allocator
+        pool = pa.system_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+#: How spatialdata-io represents the bins the table annotates: a labels raster, or one polygon
+#: (square) or point with a radius (circle) per bin.
 BIN_SHAPES = ("labels", "squares", "circles")
+#: The one bin size read (um). Every stage reads the 2 um table and pools coarser bins itself;
+#: Space Ranger's 8 and 16 um tables would add 1.3 times its non-zeros to the reader's memory.
+BIN_UM = 2
 
 
 def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins="labels"):
-    """Validate a Space Ranger folder, read it with spatialdata-io and write SpatialData zarr.
+    """Validate a Space Ranger folder, read its 2 um bins with spatialdata-io and write SpatialData zarr.
 
     Parameters
     ----------
@@ -271,13 +298,13 @@ def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins="labels"):
         The full-resolution H&E given to Space Ranger, when it is not inside the folder
         (config ``samples.<id>.fullres_image``); default: looked up in the folder.
     out_zarr
-        Output store (written atomically).
+        Output store (written atomically): table ``square_002um`` (:data:`BIN_UM`) and the images.
     bins
-        How the bins are stored (:data:`BIN_SHAPES`): ``labels`` (default) a labels raster per bin
-        size that the tables annotate (spatialdata-io's ``annotate_table_by_labels``; its reader
-        still builds a circle per bin first, which is dropped before writing), so napari and
-        spatialdata-plot draw them as an image; ``squares`` or ``circles`` keep one shape per bin,
-        which costs more memory, time and disk on a full capture area (measured in the README).
+        How the bins are stored (:data:`BIN_SHAPES`): ``labels`` (default) a labels raster that the
+        table annotates (spatialdata-io's ``annotate_table_by_labels``; its reader still builds a
+        circle per bin first, which is dropped before writing), so napari and spatialdata-plot
+        draw them as an image; ``squares`` or ``circles`` keep one shape per bin, which costs
+        more memory, time and disk on a full capture area (measured in the README).
     """
     if bins not in BIN_SHAPES:
         raise InputError("config ingest.bins", f"{bins!r}: use one of {BIN_SHAPES}")
@@ -288,16 +315,17 @@ def ingest(path, dataset_id, out_zarr, *, fullres_image=None, bins="labels"):
         # Optional CytAssist image absent, and zarr's notice about future sharding defaults: noise.
         warnings.filterwarnings("ignore", message=".*cytassist.*", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
-        with atomic_path(out_zarr) as tmp, _image_errors(image):
+        with atomic_path(out_zarr) as tmp, _image_errors(image), _arrow_returns_memory():
             sdata = visium_hd(
                 path,
                 dataset_id=dataset_id,
                 load_segmentations_only=False,
+                bin_size=BIN_UM,
                 fullres_image_file=image,
                 bins_as_squares=bins == "squares",
                 annotate_table_by_labels=bins == "labels",
             )
-            if bins == "labels":  # the tables now annotate the rasters: the per-bin shapes only cost
+            if bins == "labels":  # the table now annotates the raster: the per-bin shapes only cost
                 for name in list(sdata.shapes):
                     del sdata.shapes[name]
             sdata.write(tmp)
