@@ -3,17 +3,21 @@
 Runs the frozen Virchow2 architecture (ViT-H/14, 631 M parameters, built without weights: the
 numbers do not depend on them) over random 224 px tiles, and trains each decoder at the seeds'
 size on its token grids with the Poisson loss for one epoch, under bf16 autocast. Prints tiles
-per second and peak GPU memory per step, measured side by side in one run.
+per second and peak GPU memory per step, measured side by side in one run. Then the training
+loader's rate at that token width (``bench/loading.py``): tiles read from zarr per batch against the
+set resident on the device (``training.resident``).
 
     .venv/bin/python bench/gpu_check.py                       # on a GPU machine
-    .venv/bin/python bench/gpu_check.py --device cpu --small  # a smoke run of the script itself
+    .venv/bin/python bench/gpu_check.py --device cpu --small --loader-tiles 16  # a smoke run of the script
 """
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
+from loading import measure, summary, write_synthetic
 
 from sparsitytrap.decoders import build_decoder, count_parameters
 from sparsitytrap.encoder import build_encoder, token_grid
@@ -69,6 +73,15 @@ def train_epoch(name, grids, n_genes, device, batch, widths):
             "peak_gpu_gib": peak_gib(device), "final_loss": float(loss)}  # fmt: skip
 
 
+def loader_rates(grid_shape, device, n_tiles, batch):
+    """Training loader tiles/s at the token grid's width: zarr (0 and 2 workers) and resident."""
+    dim, grid = grid_shape[0], grid_shape[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        tiles, feats = write_synthetic(tmp, n_tiles, dim, grid, n_genes=50)
+        df = measure(tiles, feats, device, batch_size=batch, workers=2, repeats=2)
+    return summary(df).to_dict(orient="records")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -76,6 +89,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--genes", type=int, default=50)
     ap.add_argument("--small", action="store_true", help="a tiny ViT and tiny decoders (smoke run)")
+    ap.add_argument("--loader-tiles", type=int, default=256, help="tiles of the loader check (0: skip it)")
     a = ap.parse_args()
     device = torch.device(a.device)
     if a.small:
@@ -100,6 +114,8 @@ def main():
     del encoder
     for name in ("hist2st", "img2st"):
         report["decoders"].append(train_epoch(name, grids, a.genes, device, a.batch, widths[name]))
+    if a.loader_tiles:
+        report["loader"] = loader_rates(report["token_grid"], device, a.loader_tiles, a.batch)
     print(json.dumps(report, indent=2))
 
 

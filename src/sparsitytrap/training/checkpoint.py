@@ -40,9 +40,15 @@ def initial_state():
     return {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped_early": False, "log": []}
 
 
+#: Training keys that change how batches are served, never a number: a checkpoint resumes across them.
+SERVING_KEYS = ("resident", "num_workers")
+
+
 def signature(model_cfg, fold, info):
     """What must match for a checkpoint to be resumed: settings and data (not the paths)."""
-    return json.dumps({"model": model_cfg, "fold": fold, "info": info}, sort_keys=True, default=str)
+    training = {k: v for k, v in model_cfg.get("training", {}).items() if k not in SERVING_KEYS}
+    model = {**model_cfg, "training": training}
+    return json.dumps({"model": model, "fold": fold, "info": info}, sort_keys=True, default=str)
 
 
 def save(out_dir, trainer, sig):

@@ -17,7 +17,7 @@ from ..decoders import to_rate
 from ..metrics import PearsonAccumulator
 from ..views import DIHEDRAL
 from .checkpoint import initial_state
-from .data import TileDataset, batches
+from .data import ResidentTiles, TileDataset, batches, loader, resident_sets
 
 
 def precision(training, device):
@@ -42,7 +42,8 @@ class Trainer:
     t
         The model's ``training`` settings.
     train_set, val_set
-        :class:`~.data.TileDataset` of the training samples.
+        :class:`~.data.TileDataset` of the training samples; held as :class:`~.data.ResidentTiles`
+        on `device` when ``training.resident`` says so (same batches, no reads after the first).
     n_genes
         Genes of the tile stores (the decoder's output channels).
     shuffle
@@ -58,8 +59,8 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     t: dict
-    train_set: TileDataset
-    val_set: TileDataset
+    train_set: TileDataset | ResidentTiles
+    val_set: TileDataset | ResidentTiles
     n_genes: int
     shuffle: torch.Generator
     device: torch.device
@@ -74,6 +75,7 @@ class Trainer:
         self.by_slide = bool(getattr(self.loss, "batches_by_slide", False))
         self.autocast, self.scaler = precision(self.t, self.device)
         self.state, self.best_model = initial_state(), None  # what the loop changes besides weights
+        self.train_set, self.val_set = resident_sets(self.t, self.train_set, self.val_set, self.device)
 
     @property
     def done(self):
@@ -115,13 +117,8 @@ class Trainer:
         return [(int(i), int(views[i])) for i in order]
 
     def _loader(self, dataset, keys, shuffle=None):
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batches(dataset, keys, self.batch_size, self.by_slide, shuffle),
-            num_workers=int(self.t.get("num_workers", 0)),
-            generator=torch.Generator().manual_seed(0),  # keeps the DataLoader off the global RNG
-            pin_memory=self.device.type == "cuda",
-        )
+        plan = batches(dataset, keys, self.batch_size, self.by_slide, shuffle)
+        return loader(dataset, plan, int(self.t.get("num_workers", 0)), self.device)
 
     def _tokens(self, batch, augment):
         x = batch["x"].to(self.device, non_blocking=True)
