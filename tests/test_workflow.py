@@ -136,6 +136,15 @@ def test_figure_option_reruns_that_figure_only(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_batch_serving_settings_rerun_nothing(tiny, tmp_path):
+    # training.resident and num_workers change how batches are read, never a weight (SERVING_KEYS)
+    plan = _changed(tiny[0], tmp_path, lambda c: c["training"].update(resident=False, num_workers=1))
+    assert plan == {}, plan
+    plan = _changed(tiny[0], tmp_path, lambda c: c["training"].update(seed=7))
+    assert "train" in plan, plan  # a setting that changes the weights still reruns training
+
+
+@pytest.mark.slow
 def test_a_diffusion_setting_reruns_the_correction_and_its_models_only(tiny, tmp_path):
     root, cfg, _ = tiny
     plan = _changed(root, tmp_path, lambda c: c["diffusion"].update(rho=2.0))

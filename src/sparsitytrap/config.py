@@ -347,14 +347,24 @@ def fold_samples(config, fold):
     return [s for s in config["samples"] if s != test], test
 
 
-def model_config(config, name):
-    """One model's resolved settings: training defaults overridden by the model's own keys."""
+#: Training keys that change how batches are served, never a number: they neither rerun a job
+#: (the workflow's params leave them out) nor stop a checkpoint from resuming.
+SERVING_KEYS = ("resident", "num_workers")
+
+
+def model_config(config, name, serving=True):
+    """One model's resolved settings: training defaults overridden by the model's own keys.
+
+    ``serving=False`` leaves out :data:`SERVING_KEYS` (what decides the weights, nothing else).
+    """
     if name not in config["models"]:
         raise InputError("config models", f"model {name!r} is not declared")
     model = copy.deepcopy(config["models"][name])
     training = copy.deepcopy(config.get("training", {}))
     for k, v in model.pop("training", {}).items():
         training[k] = {**training.get(k, {}), **v} if isinstance(v, dict) else v
+    if not serving:
+        training = {k: v for k, v in training.items() if k not in SERVING_KEYS}
     widths = {**config.get("decoders", {}).get(model["decoder"], {}), **model.pop("decoder_kwargs", {})}
     return {
         "name": name,

@@ -91,8 +91,9 @@ def scaled(resource, rule, default):
 
 
 def model_params(wc):
-    """One model's resolved settings: only its own keys trigger a rerun of its jobs."""
-    return stconfig.model_config(config, wc.model)
+    """One model's resolved settings: only its own keys trigger a rerun of its jobs, and not
+    those that only serve batches (stconfig.SERVING_KEYS: the train script reads them from config)."""
+    return stconfig.model_config(config, wc.model, serving=False)
 
 
 def all_targets():

@@ -28,6 +28,7 @@ import random
 import numpy as np
 import torch
 
+from ..config import SERVING_KEYS
 from ..io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ NAME = "checkpoint.pt"
 def initial_state():
     """Early-stopping state and log rows before epoch 1."""
     return {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped_early": False, "log": []}
-
-
-#: Training keys that change how batches are served, never a number: a checkpoint resumes across them.
-SERVING_KEYS = ("resident", "num_workers")
 
 
 def signature(model_cfg, fold, info):

@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..io import atomic_path, write_csv, write_json
 from ..losses import MultiScaleLoss, build_loss
 from . import checkpoint
-from .data import encodes_on_the_fly, split_samples
+from .data import encodes_on_the_fly, resident_sets, split_samples
 from .loop import Trainer
 from .schedule import build_optimizer, determinism, seed_everything
 
@@ -130,6 +130,8 @@ def _build(model_cfg, tiles, features, out_dir, encoder_cfg, fold, device):
         encoder, jitter = _build_encoder(encoder_cfg, device)
         info["dim"] = encoder.dim
     loss, model, decoder_kwargs = _build_model(model_cfg, info, device)
+    # resident before the statistics, so a resident job reads its tiles once
+    train_set, val_set = resident_sets(t, train_set, val_set, device)
     mean, std, gene_mean = training_statistics(train_set, encoder)
     model.token_norm.mean.copy_(mean)
     model.token_norm.std.copy_(std)

@@ -17,7 +17,7 @@ from ..decoders import to_rate
 from ..metrics import PearsonAccumulator
 from ..views import DIHEDRAL
 from .checkpoint import initial_state
-from .data import ResidentTiles, TileDataset, batches, loader, resident_sets
+from .data import ResidentTiles, TileDataset, batches, loader
 
 
 def precision(training, device):
@@ -42,8 +42,8 @@ class Trainer:
     t
         The model's ``training`` settings.
     train_set, val_set
-        :class:`~.data.TileDataset` of the training samples; held as :class:`~.data.ResidentTiles`
-        on `device` when ``training.resident`` says so (same batches, no reads after the first).
+        :class:`~.data.TileDataset` of the training samples, or the :class:`~.data.ResidentTiles`
+        that :func:`~.data.resident_sets` made of it (same batches, no reads after the first).
     n_genes
         Genes of the tile stores (the decoder's output channels).
     shuffle
@@ -75,7 +75,6 @@ class Trainer:
         self.by_slide = bool(getattr(self.loss, "batches_by_slide", False))
         self.autocast, self.scaler = precision(self.t, self.device)
         self.state, self.best_model = initial_state(), None  # what the loop changes besides weights
-        self.train_set, self.val_set = resident_sets(self.t, self.train_set, self.val_set, self.device)
 
     @property
     def done(self):
