@@ -426,3 +426,20 @@ def test_mosaic_reads_the_stitched_map_where_a_store_has_one(run, tmp_path):
         block = stitched[g, r0 : r0 + TB, c0 : c0 + TB].astype(np.float64) * np.asarray(tiles["mask"][t])
         pooled = block.reshape(d, 4, d, 4).sum((1, 3))
         np.testing.assert_allclose(shown[r * d : (r + 1) * d, c * d + 1 : (c + 1) * d], pooled[:, 1:], rtol=1e-9)
+
+
+def test_training_curves_keep_a_first_epoch_spike_off_scale(tmp_path):
+    # one exploding warm-up batch (seen: epoch-1 train loss 103 against 0.3 after) must not flatten the rest
+    rows = {"epoch": range(1, 7), "train_loss": [103.0, 0.31, 0.30, 0.30, 0.29, 0.29]}
+    rows["val_loss"] = [0.32, 0.31, 0.305, 0.30, 0.30, 0.299]
+    path = tmp_path / "models" / "E" / "test-P2" / "log.csv"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    fig = figures.training_curves([path], tmp_path / "curves")
+    ax = fig.axes[0]
+    assert ax.get_ylim()[1] < 0.33, ax.get_ylim()
+    assert any("off scale: 103" in t.get_text() for t in ax.texts)
+    calm = path.parent.parent / "test-P3" / "log.csv"  # no spike: the axis is matplotlib's own
+    calm.parent.mkdir()
+    pd.DataFrame({**rows, "train_loss": [0.33, *rows["train_loss"][1:]]}).to_csv(calm, index=False)
+    assert not figures.training_curves([calm], tmp_path / "calm").axes[0].texts

@@ -49,6 +49,7 @@ def training_curves(log_csvs, out_prefix, formats=FORMATS):
             for i, col in enumerate(extra, start=1):
                 if col in df:
                     axes[i, j].plot(df["epoch"], df[col], color=colours[fold], ls="--", label=fold)
+        _off_scale(axes[0, j], [df for m2, _, df in logs if m2 == mo])
         axes[0, j].set_title(mo, fontsize=8)
         axes[0, j].set_ylabel("loss (model's own)")
         for i, col in enumerate(extra, start=1):
@@ -60,3 +61,31 @@ def training_curves(log_csvs, out_prefix, formats=FORMATS):
     )
     save(fig, out_prefix, formats)
     return fig
+
+
+#: A first-epoch training loss this many times the spread of the rest is drawn off scale.
+OFF_SCALE = 10.0
+
+
+def _off_scale(ax, logs):
+    """Keep a loss panel on the plateau: a first-epoch spike (one exploding warm-up batch) would
+    flatten every other curve, so the axis stops above the rest and the spike's value is written."""
+    first = [float(df["train_loss"].iloc[0]) for df in logs]
+    rest = pd.concat([df["train_loss"].iloc[1:] for df in logs] + [df["val_loss"] for df in logs]).dropna()
+    if rest.empty:
+        return
+    low, high = float(rest.min()), float(rest.max())
+    limit = high + OFF_SCALE * max(high - low, 1e-12 * abs(high))
+    spikes = [v for v in first if v > limit]
+    if spikes:
+        pad = 0.05 * (high - low)
+        ax.set_ylim(low - pad, high + pad)
+        ax.text(
+            0.98,
+            0.98,
+            f"epoch 1 train loss off scale: {max(spikes):.3g}",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=6,
+        )
