@@ -1,0 +1,94 @@
+"""Does a longer cap or a higher learning rate bring the default models to a plateau? Validation only.
+
+Retrains models of a finished run with other `training.epochs` (the cosine's cap) and
+`training.lr` values, on the run's own tiles and features, and prints per (model, fold, setting)
+what the plateau test of issue 13 reads from the validation log: the best epoch, the epochs run
+(early stopping), the last quarter's share of the decrease of the validation loss since epoch 1,
+and the validation loss and pooled PCC at 8 um of the best epoch. The test patients are never
+read. Every number but the seconds is the same on every CPU run (seeded).
+
+    .venv/bin/python bench/plateau.py [--results results] [--models D_hist2st_mse E_hist2st_poisson]
+        [--folds test-P1 test-P3] [--settings 12:4e-3 16:4e-3 20:4e-3 12:6e-3 12:8e-3]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from sparsitytrap import config as stconfig
+from sparsitytrap.genes import fold_genes
+from sparsitytrap.training import fit
+
+PLATEAU_SHARE = 0.05  # the issue's second criterion: the last quarter brought < 5 % of the decrease
+
+
+def one_run(cfg, results, model, fold, epochs, lr, out):
+    train, _ = stconfig.fold_samples(cfg, fold)  # the training patients only
+    spec = stconfig.model_config(cfg, model)
+    spec = {
+        **spec,
+        "training": {**spec["training"], "epochs": epochs, "lr": lr},
+        "genes": fold_genes(results / "genes" / "genes.csv", fold),
+    }
+    feats = results / "features" / cfg["encoder"]
+    start = time.perf_counter()
+    fit(
+        spec,
+        [results / "tiles" / f"{s}.zarr" for s in train],
+        [feats / f"{s}.zarr" for s in train],
+        out,
+        encoder_cfg=stconfig.encoder_config(cfg),
+        fold=fold,
+    )
+    v = json.loads((out / "metrics_val.json").read_text())
+    share = v["last_quarter_share"]
+    plateau = v["best_epoch"] < v["epochs_run"] or (share is not None and share < PLATEAU_SHARE)
+    return {
+        "model": model,
+        "fold": fold,
+        "epochs": epochs,
+        "lr": lr,
+        "best_epoch": v["best_epoch"],
+        "epochs_run": v["epochs_run"],
+        "last_quarter_share": share,
+        "plateau": plateau,
+        "val_loss": v["val_loss"],
+        "val_pcc_8um": v["val_pcc_8um"],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config.yaml", help="the run's config")
+    parser.add_argument("--results", default="results", help="the finished run's results folder")
+    parser.add_argument("--models", nargs="+", default=["D_hist2st_mse", "E_hist2st_poisson"])
+    parser.add_argument("--folds", nargs="+", default=["test-P1", "test-P3"])
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["12:4e-3", "16:4e-3", "20:4e-3", "12:6e-3", "12:8e-3"],
+        help="EPOCHS:LR pairs (12:4e-3 is the default config)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = stconfig.load(args.config)
+    results = Path(args.results)
+    settings = [(int(e), float(lr)) for e, lr in (s.split(":") for s in args.settings)]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [
+            one_run(cfg, results, m, f, e, lr, Path(tmp) / f"{m}_{f}_{e}_{lr}")
+            for m in args.models
+            for f in args.folds
+            for e, lr in settings
+        ]
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g"))
+
+
+if __name__ == "__main__":
+    main()
