@@ -314,3 +314,15 @@ def test_shared_count_side_changes_no_number():
     sums = model.tile_sums()[1].sum(0)  # the per-tile sums add up to the pooled Pearson
     constant = np.zeros(3, dtype=bool)
     np.testing.assert_allclose(M.pearson_from_sums(sums[:, :6], constant), model.table()["pcc_2um_pooled"], atol=1e-12)
+
+
+def test_radix_sorted_ranks_match_rankdata():
+    from sparsitytrap.metrics.correlation import RADIX_MIN, _sorted_ranks
+
+    rng = np.random.default_rng(9)
+    special = [0.0, -0.0, -2.5, float("inf"), float("-inf"), 5e-324, -1e300]
+    n = RADIX_MIN + 100  # long rows take the radix sort
+    x = np.concatenate([rng.lognormal(-3, 2, size=(3, n)) * rng.choice([-1, 1], (3, n)), [special] * 3], 1)
+    x[:, : n // 2] = np.round(x[:, : n // 2], 1)  # ties
+    for a in (x, x.astype(np.float32), x[0]):
+        np.testing.assert_array_equal(_sorted_ranks(a), ss.rankdata(a, axis=-1), err_msg=str(a.dtype))

@@ -104,25 +104,53 @@ def counted_ranks(keys, n_keys, valid=None):
     return out.reshape(*lead, n)
 
 
+#: Float rows at least this long are ordered by a radix sort (:func:`_argsort`), shorter by argsort.
+RADIX_MIN = 1024
+
+
+def _argsort(x):
+    """An ordering permutation along the last axis of numpy ``x`` (tie order left open).
+
+    float32 and float64 rows of at least :data:`RADIX_MIN` values go by an LSD radix sort of their
+    order-preserving unsigned bit patterns, 16 bits a pass (numpy's stable sort of uint16 is a
+    counting sort): linear in n, about twice argsort's speed on a pooled gene's tens of thousands of values.
+    """
+    if x.dtype not in (np.float32, np.float64) or x.shape[-1] < RADIX_MIN:
+        return np.argsort(x, axis=-1)
+    u = np.ascontiguousarray(x).view(np.uint32 if x.dtype == np.float32 else np.uint64)
+    top = u.dtype.type(1) << u.dtype.type(8 * u.itemsize - 1)
+    key = np.where(u & top, ~u, u | top)  # sign-magnitude to order: negatives reversed below positives
+    order = None
+    for shift in range(0, 8 * u.itemsize, 16):
+        digit = (key >> u.dtype.type(shift)).astype(np.uint16)
+        if order is not None:
+            digit = np.take_along_axis(digit, order, -1)
+        step = np.argsort(digit, axis=-1, kind="stable")
+        order = step if order is None else np.take_along_axis(order, step, -1)
+    return order
+
+
 def _sorted_ranks(x):
     """Average ranks of numpy ``x`` along the last axis by a sort (numpy's: about twice torch's speed)."""
     n = x.shape[-1]
     out = np.zeros(x.shape, dtype=np.float64)
     if x.size == 0:
         return out
-    order = np.argsort(x, axis=-1)
+    order = _argsort(x)
     s = np.take_along_axis(x, order, -1).reshape(-1, n)
     new = np.ones(s.shape, dtype=bool)  # a tie group starts here (and at every row's start)
     np.not_equal(s[:, 1:], s[:, :-1], out=new[:, 1:])
     if new.all():  # no ties (common for pooled float predictions): the ranks are the positions
-        ranks = np.broadcast_to(np.arange(1.0, n + 1), x.shape)
+        ranks = np.broadcast_to(np.arange(1.0, n + 1), (x.size // n, n)).reshape(-1)
     else:  # each tie group gets the mean of its 1-based positions, exact in float64 (half-integers)
         new = new.reshape(-1)
         starts = np.flatnonzero(new)
         ends = np.append(starts[1:], new.size)
         avg = (starts + ends + 1) / 2 - (starts // n) * n
-        ranks = avg[np.cumsum(new) - 1].reshape(x.shape)
-    np.put_along_axis(out, order, ranks, -1)
+        ranks = np.repeat(avg, ends - starts)
+    # scatter by flat positions: about twice put_along_axis's speed
+    flat = (order.reshape(-1, n) + np.arange(0, x.size, n)[:, None]).reshape(-1)
+    out.reshape(-1)[flat] = ranks
     return out
 
 

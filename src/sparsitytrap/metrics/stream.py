@@ -288,16 +288,31 @@ class _Side:
     pooled: bool  # k > 1
 
 
-def _side(x, x64, mask, k, spearman):
-    """The :class:`_Side` of ``x`` (``x64``: it as float64) at pooling ``k``."""
+def _pooled(levels, x64, mask, k):
+    """Masked sum-pooled ``x64`` and pooled mask at ``k``, kept in ``levels`` ({k: (values, mask)}).
+
+    Pooled from the coarsest kept level dividing ``k`` (8 from 4 from 2): a quarter of the work per
+    step, and the same numbers (window sums of float16 rates and counts are exact in float64).
+    """
+    if not levels:
+        levels[1] = (x64 * mask[:, None].to(F64), mask)
+    if k not in levels:
+        k0 = max(j for j in levels if k % j == 0)
+        p0, m0 = levels[k0]
+        levels[k] = (sum_pool(p0, k // k0), pool_mask(m0, k // k0))
+    return levels[k]
+
+
+def _side(x, x64, mask, k, spearman, levels):
+    """The :class:`_Side` of ``x`` (``x64``: it as float64) at pooling ``k`` (``levels``: :func:`_pooled`)."""
     if k == 1:  # no masking needed: every metric looks at tissue bins only
         p, m, raw = x64, mask, x
     else:
-        p, m = sum_pool(x64 * mask[:, None].to(F64), k), pool_mask(mask, k)
+        p, m = _pooled(levels, x64, mask, k)
         raw = p
     counts = m.sum((1, 2)).cpu().numpy()
-    values = _tissue_values(p, m)
-    stored = values if raw is p else _tissue_values(raw, m)
+    stored = _tissue_values(raw, m)
+    values = stored.to(F64)  # one gather: float16, float32 and counts convert to float64 exactly
     ranks = centred_tile_ranks(stored, counts) if spearman else None
     return _Side(p, m, counts, values, stored, centred_tiles(values, counts), ranks, k > 1)
 
@@ -307,8 +322,8 @@ def _shared_side(shared, target, mask, k, spearman):
     key = ("target", k, spearman)
     if key not in shared:
         if "target64" not in shared:
-            shared["target64"] = target.to(F64)
-        shared[key] = _side(target, shared["target64"], mask, k, spearman)
+            shared["target64"], shared["target_levels"] = target.to(F64), {}
+        shared[key] = _side(target, shared["target64"], mask, k, spearman, shared["target_levels"])
     return shared[key]
 
 
@@ -409,9 +424,9 @@ class GeneMetrics:
         shared = {} if shared is None else shared
         p64 = pred.to(F64)  # converted once for every scale
         spearman = bool(self._scc)
-        native = None
+        native, levels = None, {}
         for k in self.scales:
-            a = _side(pred, p64, mask, k, spearman)
+            a = _side(pred, p64, mask, k, spearman, levels)
             native = a if k == 1 else native
             b = _shared_side(shared, target, mask, k, spearman)
             _, pooled, pertile = self._pcc[k]
@@ -424,7 +439,7 @@ class GeneMetrics:
                 self._sums[k].append(tile_sums(a, b))
         if self._ssim:
             self._ssim[1].update(pred, target, mask)
-        native = native or _side(pred, p64, mask, 1, False)
+        native = native or _side(pred, p64, mask, 1, False, levels)
         self._counts.add(native.values, _shared_side(shared, target, mask, 1, spearman).values)
 
     def table(self, genes=None):
