@@ -91,8 +91,10 @@ def scaled(resource, rule, default):
 
 
 def model_params(wc):
-    """One model's resolved settings: only its own keys trigger a rerun of its jobs, and not
-    those that only serve batches (stconfig.SERVING_KEYS: the train script reads them from config)."""
+    """One model's resolved settings: only its own keys trigger a rerun of its jobs.
+
+    Not those that only serve batches (stconfig.SERVING_KEYS): the train script reads them from config.
+    """
     return stconfig.model_config(config, wc.model, serving=False)
 
 
