@@ -1,14 +1,17 @@
-"""Does a longer cap or a higher learning rate bring the default models to a plateau? Validation only.
+"""Do other training settings bring the default models to a plateau? Validation only.
 
-Retrains models of a finished run with other `training.epochs` (the cosine's cap) and
-`training.lr` values, on the run's own tiles and features, and prints per (model, fold, setting)
+Retrains models of a finished run with other `training` settings (the cap `epochs` of the
+cosine, `lr`, `batch_size`, ...), on the run's own tiles and features, and prints per (model, fold, setting)
 what the plateau test of issue 13 reads from the validation log: the best epoch, the epochs run
 (early stopping), the last quarter's share of the decrease of the validation loss since epoch 1,
 and the validation loss and pooled PCC at 8 um of the best epoch. The test patients are never
 read. Every number but the seconds is the same on every CPU run (seeded).
 
     .venv/bin/python bench/plateau.py [--results results] [--models D_hist2st_mse E_hist2st_poisson]
-        [--folds test-P1 test-P3] [--settings 12:4e-3 16:4e-3 20:4e-3 12:6e-3 12:8e-3]
+        [--folds test-P1 test-P3] [--settings epochs=12 epochs=16 epochs=12,batch_size=1 ...]
+
+Each setting is a comma-separated list of `training` keys and values; an empty one (``""``) is the
+config as it is.
 """
 
 import argparse
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 from sparsitytrap import config as stconfig
 from sparsitytrap.genes import fold_genes
@@ -27,12 +31,19 @@ from sparsitytrap.training import fit
 PLATEAU_SHARE = 0.05  # the issue's second criterion: the last quarter brought < 5 % of the decrease
 
 
-def one_run(cfg, results, model, fold, epochs, lr, out):
+def parse_setting(text):
+    """``"epochs=16,lr=4e-3"`` -> ``{"epochs": 16, "lr": 0.004}`` (values read as YAML)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    return {k.strip(): yaml.safe_load(v) for k, v in pairs}
+
+
+def one_run(cfg, results, model, fold, setting, out):
     train, _ = stconfig.fold_samples(cfg, fold)  # the training patients only
     spec = stconfig.model_config(cfg, model)
+    t = {**spec["training"], **parse_setting(setting)}
     spec = {
         **spec,
-        "training": {**spec["training"], "epochs": epochs, "lr": lr},
+        "training": t,
         "genes": fold_genes(results / "genes" / "genes.csv", fold),
     }
     feats = results / "features" / cfg["encoder"]
@@ -51,8 +62,10 @@ def one_run(cfg, results, model, fold, epochs, lr, out):
     return {
         "model": model,
         "fold": fold,
-        "epochs": epochs,
-        "lr": lr,
+        "setting": setting or "(config)",
+        "epochs": t["epochs"],
+        "lr": t["lr"],
+        "batch_size": t["batch_size"],
         "best_epoch": v["best_epoch"],
         "epochs_run": v["epochs_run"],
         "last_quarter_share": share,
@@ -72,20 +85,19 @@ def main():
     parser.add_argument(
         "--settings",
         nargs="+",
-        default=["12:4e-3", "16:4e-3", "20:4e-3", "12:6e-3", "12:8e-3"],
-        help="EPOCHS:LR pairs (12:4e-3 is the default config)",
+        default=["", "epochs=16", "epochs=20", "lr=6e-3", "lr=8e-3"],
+        help="training overrides, KEY=VALUE[,KEY=VALUE...] ('' = the config as it is)",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = stconfig.load(args.config)
     results = Path(args.results)
-    settings = [(int(e), float(lr)) for e, lr in (s.split(":") for s in args.settings)]
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
-            one_run(cfg, results, m, f, e, lr, Path(tmp) / f"{m}_{f}_{e}_{lr}")
+            one_run(cfg, results, m, f, s, Path(tmp) / f"{m}_{f}_{i}")
             for m in args.models
             for f in args.folds
-            for e, lr in settings
+            for i, s in enumerate(args.settings)
         ]
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g"))
 

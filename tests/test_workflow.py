@@ -64,6 +64,18 @@ def test_comparisons_config_adds_its_models_and_the_diffusion_stage(tmp_path):
     assert plan["stats"] == len(extra["comparisons"]), plan
 
 
+def test_converged_config_trains_every_model_in_its_own_results(tmp_path):
+    """config/converged.yaml: the default models with a longer cap, never writing into `results`."""
+    root = copy_workflow(tmp_path)
+    base = yaml.safe_load((root / "config.yaml").read_text())
+    extra = yaml.safe_load((root / "config" / "converged.yaml").read_text())
+    out = snakemake(root, "-n", "--configfile", "config.yaml", "config/converged.yaml")
+    trained = set(re.findall(r"(\S+)/models/(\w+)/(test-\w+)/best\.safetensors", out))
+    expected = {(extra["results"], m, f"test-{s}") for m in base["models"] for s in base["samples"]}
+    assert trained == expected, trained ^ expected
+    assert extra["training"]["epochs"] > base["training"]["epochs"]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """tests/configs/tiny.yaml run end to end (the module's tests share this one run)."""
