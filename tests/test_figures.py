@@ -443,3 +443,15 @@ def test_training_curves_keep_a_first_epoch_spike_off_scale(tmp_path):
     calm.parent.mkdir()
     pd.DataFrame({**rows, "train_loss": [0.33, *rows["train_loss"][1:]]}).to_csv(calm, index=False)
     assert not figures.training_curves([calm], tmp_path / "calm").axes[0].texts
+
+
+def test_training_curves_keep_a_validation_spike_off_scale(tmp_path):
+    # seen at 30 epochs: Img2ST + Poisson's epoch-2 validation loss 43 against 0.28-0.31 elsewhere
+    rows = {"epoch": range(1, 7), "train_loss": [0.31, 0.30, 0.30, 0.29, 0.29, 0.29]}
+    rows["val_loss"] = [0.30, 43.0, 0.295, 0.29, 0.289, 0.288]
+    path = tmp_path / "models" / "F" / "test-P1" / "log.csv"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    ax = figures.training_curves([path], tmp_path / "curves").axes[0]
+    assert ax.get_ylim()[1] < 0.32, ax.get_ylim()
+    assert [t.get_text() for t in ax.texts] == ["epoch 2 validation loss off scale: 43"]

@@ -63,29 +63,50 @@ def training_curves(log_csvs, out_prefix, formats=FORMATS):
     return fig
 
 
-#: A first-epoch training loss this many times the spread of the rest is drawn off scale.
+#: A loss this many times the spread of the values below it is drawn off scale.
 OFF_SCALE = 10.0
 
 
+def _spikes(logs):
+    """Loss values (train or validation, any epoch) far above the rest: ``(kept, spikes)``.
+
+    The largest value is a spike while it exceeds the next largest by more than :data:`OFF_SCALE`
+    times the spread of the values below it; peeled off one at a time. Each point is
+    ``(value, "train" | "validation", epoch)``.
+    """
+    points = sorted(
+        (float(v), name, int(e))
+        for df in logs
+        for col, name in (("train_loss", "train"), ("val_loss", "validation"))
+        for e, v in zip(df["epoch"], df[col])
+        if pd.notna(v)
+    )
+    spikes = []
+    while len(points) > 2:
+        low, high = points[0][0], points[-2][0]
+        if points[-1][0] <= high + OFF_SCALE * max(high - low, 1e-12 * abs(high)):
+            break
+        spikes.append(points.pop())
+    return points, spikes
+
+
 def _off_scale(ax, logs):
-    """Keep a loss panel on the plateau: a first-epoch spike (one exploding warm-up batch) would
-    flatten every other curve, so the axis stops above the rest and the spike's value is written."""
-    first = [float(df["train_loss"].iloc[0]) for df in logs]
-    rest = pd.concat([df["train_loss"].iloc[1:] for df in logs] + [df["val_loss"] for df in logs]).dropna()
-    if rest.empty:
+    """Keep a loss panel on the plateau: a spike (one exploding batch, seen in warm-up) would
+    flatten every other curve, so the axis stops above the rest and the largest spike is written."""
+    kept, spikes = _spikes(logs)
+    if not spikes:
         return
-    low, high = float(rest.min()), float(rest.max())
-    limit = high + OFF_SCALE * max(high - low, 1e-12 * abs(high))
-    spikes = [v for v in first if v > limit]
-    if spikes:
-        pad = 0.05 * (high - low)
-        ax.set_ylim(low - pad, high + pad)
-        ax.text(
-            0.98,
-            0.98,
-            f"epoch 1 train loss off scale: {max(spikes):.3g}",
-            transform=ax.transAxes,
-            ha="right",
-            va="top",
-            fontsize=6,
-        )
+    low, high = kept[0][0], kept[-1][0]
+    pad = 0.05 * (high - low)
+    ax.set_ylim(low - pad, high + pad)
+    value, name, epoch = spikes[0]
+    more = f" (+{len(spikes) - 1} more)" if len(spikes) > 1 else ""
+    ax.text(
+        0.98,
+        0.98,
+        f"epoch {epoch} {name} loss off scale: {value:.3g}{more}",
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=6,
+    )
