@@ -6,7 +6,10 @@ workflow does, and prints per model the mean over genes of each metric for every
 their mean and SD over seeds.
 
     python bench/seeds.py [--results results] [--fold test-P1] [--models E_hist2st_poisson D_hist2st_mse]
-                          [--seeds 42 1 2] [--work DIR]
+                          [--seeds 42 1 2] [--training epochs=30,patience=5] [--work DIR]
+
+`--training` overrides `training` keys of every model (KEY=VALUE,...: as `bench/plateau.py`),
+e.g. the settings of `config/converged.yaml` with `--results results_converged`.
 """
 
 import argparse
@@ -17,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from plateau import parse_setting
 
 from sparsitytrap import config as stconfig
 from sparsitytrap.evaluate import evaluate
@@ -27,12 +31,12 @@ from sparsitytrap.training import fit
 METRICS = ("pcc_2um_pooled", "pcc_8um_pooled", "scc_2um_pooled")
 
 
-def one_seed(cfg, results, model, fold, seed, work):
+def one_seed(cfg, results, model, fold, seed, work, training=None):
     train, test = stconfig.fold_samples(cfg, fold)
     spec = stconfig.model_config(cfg, model)
     spec = {
         **spec,
-        "training": {**spec["training"], "seed": seed},
+        "training": {**spec["training"], **(training or {}), "seed": seed},
         "genes": fold_genes(results / "genes" / "genes.csv", fold),
     }
     tiles = "tiles" if cfg["models"][model].get("counts", "raw") == "raw" else "tiles_corrected"
@@ -64,6 +68,7 @@ def main():
     parser.add_argument("--fold", default="test-P1", help="fold retrained")
     parser.add_argument("--models", nargs="+", default=["E_hist2st_poisson", "D_hist2st_mse"], help="models retrained")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2], help="training.seed values")
+    parser.add_argument("--training", default="", help="training overrides, KEY=VALUE[,KEY=VALUE...]")
     parser.add_argument("--work", help="folder for the retrained models (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -72,7 +77,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         rows = [
-            {"model": m, "seed": s, **one_seed(cfg, results, m, args.fold, s, work)}
+            {"model": m, "seed": s, **one_seed(cfg, results, m, args.fold, s, work, parse_setting(args.training))}
             for m in args.models
             for s in args.seeds
         ]
@@ -80,7 +85,7 @@ def main():
     print(df.to_markdown(index=False, floatfmt=".4f"))
     spread = df.groupby("model")[list(METRICS)].agg(["mean", "std"])
     print(spread.to_markdown(floatfmt=".4f"))
-    print(json.dumps({"fold": args.fold, "seeds": args.seeds}))
+    print(json.dumps({"fold": args.fold, "seeds": args.seeds, "training": parse_setting(args.training)}))
 
 
 if __name__ == "__main__":
