@@ -47,7 +47,8 @@ class PearsonAccumulator:
 
     def update(self, pred, target, mask):
         """Add one batch ``pred, target [T, G, H, W]``, ``mask [T, H, W]``."""
-        self.add(_tissue_values(pred.to(F64), mask), _tissue_values(target.to(F64), mask))
+        # gathered, then converted: the same values, half the bytes moved (training validates with this)
+        self.add(_tissue_values(pred, mask).to(F64), _tissue_values(target, mask).to(F64))
 
     def add(self, x, y):
         """Add tissue values ``x, y [G, n]`` (float64) of one batch."""
@@ -215,7 +216,7 @@ class CountAccumulator:
 
     def update(self, pred, target, mask):
         """Add one batch."""
-        self.add(_tissue_values(pred.to(F64), mask), _tissue_values(target.to(F64), mask))
+        self.add(_tissue_values(pred, mask).to(F64), _tissue_values(target, mask).to(F64))
 
     def add(self, mu, y):
         """Add tissue values ``mu, y [G, n]`` (float64 tensors) of one batch."""
