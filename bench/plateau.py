@@ -5,7 +5,7 @@ cosine, `lr`, `batch_size`, ...), on the run's own tiles and features, and print
 what the plateau test of issue 13 reads from the validation log: the best epoch, the epochs run
 (early stopping), the last quarter's share of the decrease of the validation loss since epoch 1,
 and the validation loss and pooled PCC at 8 um of the best epoch. The test patients are never
-read. Every number but the seconds is the same on every CPU run (seeded).
+read. Every number but the seconds is seeded: the same run to run on one machine.
 
     .venv/bin/python bench/plateau.py [--results results] [--models D_hist2st_mse E_hist2st_poisson]
         [--folds test-P1 test-P3] [--settings epochs=12 epochs=16 epochs=12,batch_size=1 ...]

@@ -72,12 +72,13 @@ def main():
     parser.add_argument("--work", help="folder for the retrained models (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    training = parse_setting(args.training)
     cfg = stconfig.load(args.config)
     results = Path(args.results)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         rows = [
-            {"model": m, "seed": s, **one_seed(cfg, results, m, args.fold, s, work, parse_setting(args.training))}
+            {"model": m, "seed": s, **one_seed(cfg, results, m, args.fold, s, work, training)}
             for m in args.models
             for s in args.seeds
         ]
@@ -85,7 +86,7 @@ def main():
     print(df.to_markdown(index=False, floatfmt=".4f"))
     spread = df.groupby("model")[list(METRICS)].agg(["mean", "std"])
     print(spread.to_markdown(floatfmt=".4f"))
-    print(json.dumps({"fold": args.fold, "seeds": args.seeds, "training": parse_setting(args.training)}))
+    print(json.dumps({"fold": args.fold, "seeds": args.seeds, "training": training}))
 
 
 if __name__ == "__main__":

@@ -428,20 +428,25 @@ def test_mosaic_reads_the_stitched_map_where_a_store_has_one(run, tmp_path):
         np.testing.assert_allclose(shown[r * d : (r + 1) * d, c * d + 1 : (c + 1) * d], pooled[:, 1:], rtol=1e-9)
 
 
+def _training_log(root, model, fold, rows):
+    """Write ``rows`` as ``root/models/{model}/{fold}/log.csv`` (model and fold are read from the path)."""
+    path = root / "models" / model / fold / "log.csv"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
 def test_training_curves_keep_a_first_epoch_spike_off_scale(tmp_path):
     # one exploding warm-up batch (seen: epoch-1 train loss 103 against 0.3 after) must not flatten the rest
     rows = {"epoch": range(1, 7), "train_loss": [103.0, 0.31, 0.30, 0.30, 0.29, 0.29]}
     rows["val_loss"] = [0.32, 0.31, 0.305, 0.30, 0.30, 0.299]
-    path = tmp_path / "models" / "E" / "test-P2" / "log.csv"
-    path.parent.mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(path, index=False)
+    path = _training_log(tmp_path, "E", "test-P2", rows)
     fig = figures.training_curves([path], tmp_path / "curves")
     ax = fig.axes[0]
     assert ax.get_ylim()[1] < 0.33, ax.get_ylim()
     assert any("off scale: 103" in t.get_text() for t in ax.texts)
-    calm = path.parent.parent / "test-P3" / "log.csv"  # no spike: the axis is matplotlib's own
-    calm.parent.mkdir()
-    pd.DataFrame({**rows, "train_loss": [0.33, *rows["train_loss"][1:]]}).to_csv(calm, index=False)
+    calm_rows = {**rows, "train_loss": [0.33, *rows["train_loss"][1:]]}  # no spike: the axis is matplotlib's own
+    calm = _training_log(tmp_path, "E", "test-P3", calm_rows)
     assert not figures.training_curves([calm], tmp_path / "calm").axes[0].texts
 
 
@@ -449,9 +454,7 @@ def test_training_curves_keep_a_validation_spike_off_scale(tmp_path):
     # seen at 30 epochs: Img2ST + Poisson's epoch-2 validation loss 43 against 0.28-0.31 elsewhere
     rows = {"epoch": range(1, 7), "train_loss": [0.31, 0.30, 0.30, 0.29, 0.29, 0.29]}
     rows["val_loss"] = [0.30, 43.0, 0.295, 0.29, 0.289, 0.288]
-    path = tmp_path / "models" / "F" / "test-P1" / "log.csv"
-    path.parent.mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(path, index=False)
+    path = _training_log(tmp_path, "F", "test-P1", rows)
     ax = figures.training_curves([path], tmp_path / "curves").axes[0]
     assert ax.get_ylim()[1] < 0.32, ax.get_ylim()
     assert [t.get_text() for t in ax.texts] == ["epoch 2 validation loss off scale: 43"]
