@@ -68,6 +68,7 @@ def one_run(cfg, results, model, fold, setting, out):
         "batch_size": t["batch_size"],
         "best_epoch": v["best_epoch"],
         "epochs_run": v["epochs_run"],
+        "stop": v.get("stop"),
         "last_quarter_share": share,
         "plateau": plateau,
         "val_loss": v["val_loss"],

@@ -21,6 +21,7 @@ from sparsitytrap.errors import InputError
 from sparsitytrap.features import cache_features
 from sparsitytrap.predict import load_model, predict, write_predictions_sdata
 from sparsitytrap.training import LOG_COLUMNS, fit, lr_factor, split_samples
+from sparsitytrap.training.loop import last_quarter_share
 
 TILES = {"P1": 4, "P2": 4, "P3": 3}
 BINS = 32  # tiles of 32 x 32 bins keep the CPU tests fast; one test runs the real 128
@@ -187,6 +188,7 @@ def test_outputs_and_first_epoch_lr(straight_run):
     assert metrics["best_epoch"] == log.epoch[best]
     assert metrics["val_loss"] == pytest.approx(log.val_loss[best])
     assert metrics["train_tiles"] == 4 and metrics["val_tiles"] == 4
+    assert metrics["stop"] == "cap" and not metrics["stopped_early"]
     assert set(metrics["samples"]) == {"P1", "P2"}  # the test sample is not among them
 
 
@@ -282,7 +284,29 @@ def test_early_stopping_stops(cohort, tmp_path):
     out = tmp_path / "run"
     result = run_train(make_config(cohort, epochs=10, patience=2, lr=0.0), "E", "test-P3", out)
     assert result["stopped_early"] and result["epochs_run"] == 3 and result["best_epoch"] == 1
+    assert result["stop"] == "patience"
     assert list(read_log(out).best) == [True, False, False]
+
+
+def test_last_quarter_share_reads_the_running_best():
+    # 4 epochs: the last quarter is epoch 4; a rise counts as no decrease
+    assert last_quarter_share([4.0, 3.0, 2.0, 1.9]) == pytest.approx(0.1 / 2.1)
+    assert last_quarter_share([4.0, 3.0, 2.0, 2.5]) == 0.0
+    # 8 epochs: the last quarter is epochs 7-8, measured from the best up to epoch 6
+    assert last_quarter_share([8.0, 6.0, 5.0, 4.0, 3.5, 3.0, 2.5, 2.0]) == pytest.approx(1.0 / 6.0)
+    assert np.isnan(last_quarter_share([1.0, 2.0, 3.0, 4.0])) and np.isnan(last_quarter_share([3.0, 2.0, 1.0]))
+
+
+def test_plateau_rule_stops_at_the_first_flat_quarter(cohort, tmp_path):
+    # patience as long as the cap: only the plateau rule can end the run before epoch 12
+    out = tmp_path / "run"
+    config = make_config(cohort, epochs=12, patience=12, plateau_share=0.3, plateau_min_epochs=5)
+    result = run_train(config, "E", "test-P3", out)
+    losses = list(read_log(out).val_loss)
+    shares = [last_quarter_share(losses[:n]) for n in range(5, len(losses) + 1)]
+    assert result["stop"] == "plateau" and result["stopped_early"] and 5 <= len(losses) < 12
+    assert shares[-1] < 0.3 and not any(s < 0.3 for s in shares[:-1])  # the first epoch it held
+    assert result["last_quarter_share"] == pytest.approx(shares[-1])
 
 
 def test_predictions_follow_the_tile_store(straight_run, cohort):

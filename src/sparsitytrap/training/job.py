@@ -18,7 +18,7 @@ from ..io import atomic_path, write_csv, write_json
 from ..losses import MultiScaleLoss, build_loss
 from . import checkpoint
 from .data import encodes_on_the_fly, resident_sets, split_samples
-from .loop import Trainer
+from .loop import Trainer, last_quarter_share
 from .schedule import build_optimizer, determinism, seed_everything
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,7 @@ def _finish(job):
         **{k: _finite(v) for k, v in state.get("best_metrics", {}).items()},
         "epochs_run": len(log_rows),
         "stopped_early": bool(state["stopped_early"]),
+        "stop": trainer.stop_reason,
         "last_quarter_share": _finite(last_quarter_share([r["val_loss"] for r in log_rows])),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in log_rows])) if log_rows else None,
         "train_tiles": len(trainer.train_set),
@@ -311,27 +312,15 @@ def _finish(job):
         "brought %s of the decrease since epoch 1",
         meta["model"],
         meta["fold"],
-        "stopped early" if state["stopped_early"] else "reached training.epochs",
+        {"patience": "stopped early (patience)", "plateau": "stopped at the plateau", "cap": "reached training.epochs"}[
+            trainer.stop_reason
+        ],
         len(log_rows),
         state["best_epoch"],
         state["best_val"],
         "n/a" if metrics["last_quarter_share"] is None else f"{metrics['last_quarter_share']:.1%}",
     )
     return metrics
-
-
-def last_quarter_share(val_losses):
-    """Share of the validation loss's decrease since epoch 1 that its last quarter of epochs brought.
-
-    The plateau test of a training log: the decrease is that of the running best (lowest so far),
-    so a last quarter that only rises brings 0. NaN with under 4 epochs or no decrease at all.
-    """
-    best = np.minimum.accumulate(np.asarray(val_losses, dtype=float))
-    n = len(best)
-    if n < 4 or not best[0] > best[-1]:
-        return float("nan")
-    start = best[n - math.ceil(n / 4) - 1]  # the running best before the last quarter
-    return float((start - best[-1]) / (best[0] - best[-1]))
 
 
 def _write_best(job):

@@ -5,6 +5,7 @@ early-stopping ``state``); :mod:`.checkpoint` saves and restores exactly those a
 """
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -80,6 +81,13 @@ class Trainer:
     def done(self):
         return self.state["epoch"] >= int(self.t["epochs"]) or self.state["stopped_early"]
 
+    @property
+    def stop_reason(self):
+        """Why training ended: ``patience``, ``plateau``, ``cap`` (training.epochs), or None (not yet)."""
+        if self.state["stopped_early"]:
+            return self.state.get("stop", "patience")
+        return "cap" if self.done else None
+
     def epoch(self):
         """Train one epoch, validate, update early stopping and the best weights; the log row."""
         start = time.perf_counter()
@@ -91,19 +99,33 @@ class Trainer:
         row.update(best=bool(improved), seconds=round(time.perf_counter() - start, 3))
         self.state["log"].append(row)
         self.state["epoch"] = epoch
+        stop = self._early_stop()
+        self.state.update(stopped_early=stop is not None, stop=stop)
         return row
 
     def _record(self, val, epoch):
-        """Early stopping: keep the weights of the lowest validation loss, count epochs since."""
+        """Keep the weights of the lowest validation loss, count the epochs since."""
         improved = val["val_loss"] < self.state["best_val"] or self.best_model is None
         if improved:
             self.state.update(best_val=val["val_loss"], best_epoch=epoch, bad_epochs=0, best_metrics=val)
             self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         else:
-            patience = int(self.t.get("patience", self.t["epochs"]))
             self.state["bad_epochs"] += 1
-            self.state["stopped_early"] = self.state["bad_epochs"] >= patience
         return improved
+
+    def _early_stop(self):
+        """``patience``: that many epochs without a lower validation loss; ``plateau``: from epoch
+        ``plateau_min_epochs`` on, the last quarter of the epochs brought less than ``plateau_share``
+        of the validation loss's decrease since epoch 1 (:func:`last_quarter_share`); else None.
+        """
+        t = self.t
+        if self.state["bad_epochs"] >= int(t.get("patience", t["epochs"])):
+            return "patience"
+        share = t.get("plateau_share")
+        if share is not None and self.state["epoch"] >= int(t.get("plateau_min_epochs", 1)):
+            if last_quarter_share([r["val_loss"] for r in self.state["log"]]) < float(share):  # NaN: no
+                return "plateau"
+        return None
 
     def _epoch_keys(self):
         """Shuffled tile order and one random dihedral view per tile, from the seeded generator."""
@@ -198,6 +220,20 @@ class Trainer:
             "val_pcc_2um": _mean_over_genes(pcc2),
             "val_pcc_8um": _mean_over_genes(pcc8),
         }
+
+
+def last_quarter_share(val_losses):
+    """Share of the validation loss's decrease since epoch 1 that its last quarter of epochs brought.
+
+    The plateau test of a training log: the decrease is that of the running best (lowest so far),
+    so a last quarter that only rises brings 0. NaN with under 4 epochs or no decrease at all.
+    """
+    best = np.minimum.accumulate(np.asarray(val_losses, dtype=float))
+    n = len(best)
+    if n < 4 or not best[0] > best[-1]:
+        return float("nan")
+    start = best[n - math.ceil(n / 4) - 1]  # the running best before the last quarter
+    return float((start - best[-1]) / (best[0] - best[-1]))
 
 
 def _mean_over_genes(acc):
