@@ -498,6 +498,26 @@ def test_train_um_is_checked_at_plan_time(monkeypatch):
     shared["tiles"]["tile_bins"], shared["training"]["train_um"] = 36, 16
     with pytest.raises(InputError, match=r"config.yaml: training\.train_um"):
         stconfig.validate(shared)
+
+
+def test_a_plateau_rule_after_the_cap_is_refused_at_plan_time(monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    base = stconfig.read_yaml(root / "config.yaml")
+    late = json.loads(json.dumps(base))
+    late["training"]["plateau_min_epochs"] = late["training"]["epochs"] + 1
+    with pytest.raises(
+        InputError, match=r"config.yaml: training\.plateau_min_epochs: plateau_min_epochs \d+ is after epochs"
+    ):
+        stconfig.validate(late)
+    own = json.loads(json.dumps(base))
+    own["models"]["D_hist2st_mse"]["training"] = {"epochs": 6}  # the shared rule starts at epoch 10
+    with pytest.raises(
+        InputError, match=r"models\.D_hist2st_mse\.training\.epochs: plateau_min_epochs 10 is after epochs 6"
+    ):
+        stconfig.validate(own)
+    own["models"]["D_hist2st_mse"]["training"]["plateau_share"] = None  # no rule: nothing to refuse
+    assert stconfig.model_config(stconfig.validate(own), "D_hist2st_mse")["training"]["epochs"] == 6
     multi = json.loads(json.dumps(base))
     multi["models"]["V7_multiscale"]["training"] = {"train_um": 4}
     with pytest.raises(InputError, match=r"V7_multiscale\.training\.train_um: 4, but a multiscale"):

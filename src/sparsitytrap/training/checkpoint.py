@@ -38,7 +38,15 @@ NAME = "checkpoint.pt"
 
 def initial_state():
     """Early-stopping state and log rows before epoch 1."""
-    return {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped_early": False, "stop": None, "log": []}
+    return {
+        "epoch": 0,
+        "best_val": math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "stopped_early": False,
+        "stop": None,
+        "log": [],
+    }
 
 
 def signature(model_cfg, fold, info):

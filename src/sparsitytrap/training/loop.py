@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bins import pool_masked
+from ..config import PLATEAU_MIN_EPOCHS
 from ..decoders import to_rate
 from ..metrics import PearsonAccumulator
 from ..views import DIHEDRAL
@@ -122,7 +123,7 @@ class Trainer:
         if self.state["bad_epochs"] >= int(t.get("patience", t["epochs"])):
             return "patience"
         share = t.get("plateau_share")
-        if share is not None and self.state["epoch"] >= int(t.get("plateau_min_epochs", 1)):
+        if share is not None and self.state["epoch"] >= int(t.get("plateau_min_epochs", PLATEAU_MIN_EPOCHS)):
             if last_quarter_share([r["val_loss"] for r in self.state["log"]]) < float(share):  # NaN: no
                 return "plateau"
         return None
