@@ -500,34 +500,6 @@ def test_train_um_is_checked_at_plan_time(monkeypatch):
         stconfig.validate(shared)
 
 
-def test_a_plateau_rule_after_the_cap_is_refused_at_plan_time(monkeypatch):
-    root = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(root)
-    base = stconfig.read_yaml(root / "config.yaml")
-    late = json.loads(json.dumps(base))
-    late["training"]["plateau_min_epochs"] = late["training"]["epochs"] + 1
-    with pytest.raises(
-        InputError, match=r"config.yaml: training\.plateau_min_epochs: plateau_min_epochs \d+ is after epochs"
-    ):
-        stconfig.validate(late)
-    own = json.loads(json.dumps(base))
-    own["models"]["D_hist2st_mse"]["training"] = {"epochs": 6}  # the shared rule starts at epoch 10
-    with pytest.raises(
-        InputError, match=r"models\.D_hist2st_mse\.training\.epochs: plateau_min_epochs 10 is after epochs 6"
-    ):
-        stconfig.validate(own)
-    own["models"]["D_hist2st_mse"]["training"]["plateau_share"] = None  # no rule: nothing to refuse
-    assert stconfig.model_config(stconfig.validate(own), "D_hist2st_mse")["training"]["epochs"] == 6
-    multi = json.loads(json.dumps(base))
-    multi["models"]["V7_multiscale"]["training"] = {"train_um": 4}
-    with pytest.raises(InputError, match=r"V7_multiscale\.training\.train_um: 4, but a multiscale"):
-        stconfig.validate(multi)
-    bad = json.loads(json.dumps(base))
-    bad["training"]["train_um"] = 6
-    with pytest.raises(InputError, match=r"training\.train_um"):
-        stconfig.validate(bad)
-
-
 def test_a_fold_trains_on_its_own_genes_in_its_order(cohort, tmp_path):
     """Leak-free selection: the tile stores hold the union of the folds' genes; a fold trains on its own."""
     from sparsitytrap.stores.tiles import open_tiles

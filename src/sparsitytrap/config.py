@@ -232,38 +232,19 @@ def _check_models(config, source):
         check_decoder(model["decoder"], model.get("decoder_kwargs", {}), f"{where}.decoder_kwargs")
         build_loss(model["loss"], n_genes=config["genes"]["n_genes"], where=f"{where}.loss")
         _check_train_um(config, name, source)
-        _check_plateau(config, name, source)
-
-
-def _training_key(config, name, key, source):
-    """Where a model's training ``key`` is set: under the model when it overrides it, else the shared block."""
-    own = key in config["models"][name].get("training", {})
-    return f"{source}: models.{name}.training.{key}" if own else f"{source}: training.{key}"
 
 
 def _check_train_um(config, name, source):
     """train_um pools train_um / 2 bins of 2 um per side: that must divide the tile side (multiscale pools itself)."""
     model = config["models"][name]
-    key = _training_key(config, name, "train_um", source)
+    own = "train_um" in model.get("training", {})
+    key = f"{source}: models.{name}.training.train_um" if own else f"{source}: training.train_um"
     um = model_config(config, name)["training"].get("train_um", 2)
     side = config.get("tiles", {}).get("tile_bins", 128)
     if side % (um // 2):
         raise InputError(key, f"{um} um bins ({um // 2} x {um // 2} bins of 2 um) do not tile tiles.tile_bins {side}")
     if um != 2 and model["loss"]["name"] == "multiscale":
         raise InputError(key, f"{um}, but a multiscale loss sets its own bin sizes (loss.scales): leave it at 2")
-
-
-def _check_plateau(config, name, source):
-    """A plateau rule first applied after the epoch cap would never stop a job: refuse it."""
-    t = model_config(config, name)["training"]
-    first = t.get("plateau_min_epochs", PLATEAU_MIN_EPOCHS)
-    if t.get("plateau_share") is not None and first > t["epochs"]:
-        own = config["models"][name].get("training", {})
-        key = "epochs" if "epochs" in own and "plateau_min_epochs" not in own else "plateau_min_epochs"
-        raise InputError(
-            _training_key(config, name, key, source),
-            f"plateau_min_epochs {first} is after epochs {t['epochs']}: the plateau rule would never apply",
-        )
 
 
 def diffusion_settings(config, source="config"):

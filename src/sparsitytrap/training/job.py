@@ -23,6 +23,9 @@ from .schedule import build_optimizer, determinism, seed_everything
 
 log = logging.getLogger(__name__)
 
+#: How the finished job's log line says what ended it (:attr:`.loop.Trainer.stop_reason`).
+STOPPED = {"patience": "stopped early (patience)", "plateau": "stopped at the plateau", "cap": "reached training.epochs"}
+
 LOG_COLUMNS = [
     "epoch",
     "train_loss",
@@ -312,9 +315,7 @@ def _finish(job):
         "brought %s of the decrease since epoch 1",
         meta["model"],
         meta["fold"],
-        {"patience": "stopped early (patience)", "plateau": "stopped at the plateau", "cap": "reached training.epochs"}[
-            trainer.stop_reason
-        ],
+        STOPPED[trainer.stop_reason],
         len(log_rows),
         state["best_epoch"],
         state["best_val"],
