@@ -24,7 +24,11 @@ from .schedule import build_optimizer, determinism, seed_everything
 log = logging.getLogger(__name__)
 
 #: How the finished job's log line says what ended it (:attr:`.loop.Trainer.stop_reason`).
-STOPPED = {"patience": "stopped early (patience)", "plateau": "stopped at the plateau", "cap": "reached training.epochs"}
+STOPPED = {
+    "patience": "stopped early (patience)",
+    "plateau": "stopped at the plateau",
+    "cap": "reached training.epochs",
+}
 
 LOG_COLUMNS = [
     "epoch",
