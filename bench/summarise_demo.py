@@ -57,10 +57,15 @@ def validation_table(results):
                 "model": path.parts[-3],
                 "fold": path.parts[-2],
                 **{k: v[k] for k in v if isinstance(v[k], (int, float)) and not isinstance(v[k], bool)},
+                "stop": v.get("stop") or "n/a",  # what ended the job (older runs do not say)
             }
         )
     df = pd.DataFrame(rows)
-    return df.groupby("model", sort=False).mean(numeric_only=True).round(4).to_markdown()
+    table = df.groupby("model", sort=False).mean(numeric_only=True).round(4)
+    stops = df.groupby("model", sort=False)["stop"].agg(
+        lambda s: ", ".join(f"{k} {n}" for k, n in s.value_counts().items())
+    )
+    return table.assign(stops=stops).to_markdown()
 
 
 def time_table(results):
