@@ -458,3 +458,20 @@ def test_training_curves_keep_a_validation_spike_off_scale(tmp_path):
     ax = figures.training_curves([path], tmp_path / "curves").axes[0]
     assert ax.get_ylim()[1] < 0.32, ax.get_ylim()
     assert [t.get_text() for t in ax.texts] == ["epoch 2 validation loss off scale: 43"]
+
+
+def test_training_curves_say_what_ended_each_job(tmp_path):
+    rows = {"epoch": range(1, 7), "train_loss": [0.31, 0.30, 0.30, 0.29, 0.29, 0.29]}
+    rows["val_loss"] = [0.30, 0.298, 0.295, 0.29, 0.289, 0.2895]
+    logs = [_training_log(tmp_path, "E", fold, rows) for fold in ("test-P1", "test-P2")]
+    records = []
+    for log, stop in zip(logs, ("plateau", "patience"), strict=True):
+        records.append(log.with_name("metrics_val.json"))
+        records[-1].write_text(json.dumps({"epochs_run": 6, "best_epoch": 5, "stop": stop, "stopped_early": True}))
+    fig = figures.training_curves([*logs, *records], tmp_path / "curves")
+    texts = {t.get_text() for t in fig.axes[-1].texts}
+    assert texts == {"test-P1: plateau, 6 epochs, best 5", "test-P2: patience, 6 epochs, best 5"}
+    assert not figures.training_curves(logs, tmp_path / "plain").axes[-1].texts  # no records: nothing written
+    records[0].write_text("{")
+    with pytest.raises(InputError, match="metrics_val.json: unreadable training record"):
+        figures.training_curves([*logs, *records], tmp_path / "damaged")

@@ -209,6 +209,9 @@ rule figure_noise_ceiling:
 rule figure_training_curves:
     input:
         expand(f"{R}/models/{{model}}/{{fold}}/log.csv", model=MODELS, fold=FOLDS),
+        expand(
+            f"{R}/models/{{model}}/{{fold}}/metrics_val.json", model=MODELS, fold=FOLDS
+        ),
     output:
         figure("training_curves", "training_curves", subcategory="Overview"),
     log:

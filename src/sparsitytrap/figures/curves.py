@@ -1,5 +1,6 @@
-"""Training curves, read from each (model, fold)'s ``log.csv``."""
+"""Training curves, read from each (model, fold)'s ``log.csv`` (and ``metrics_val.json``: what ended the job)."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +18,8 @@ def training_curves(log_csvs, out_prefix, formats=FORMATS):
     ----------
     log_csvs
         ``results/models/{model}/{fold}/log.csv`` files; model and fold are read from the path.
+        ``metrics_val.json`` files among them (the same jobs') add what ended each job, written
+        in the model's bottom panel.
     out_prefix
         Output path without extension.
     formats
@@ -26,11 +29,15 @@ def training_curves(log_csvs, out_prefix, formats=FORMATS):
     -------
     matplotlib.figure.Figure
     """
-    logs = []
+    logs, records, dirs = [], {}, {}
     for path in map(Path, log_csvs):
+        if path.name == "metrics_val.json":
+            records[path.parent] = _job_record(path)
+            continue
         df = pd.read_csv(path)
         require(df, ["epoch", "train_loss", "val_loss"], path)
         logs.append((path.parent.parent.name, path.parent.name, df))
+        dirs[(path.parent.parent.name, path.parent.name)] = path.parent
     if not logs:
         raise InputError("log_csvs", "no log.csv files given")
     models = list(dict.fromkeys(mo for mo, _, _ in logs))
@@ -50,6 +57,7 @@ def training_curves(log_csvs, out_prefix, formats=FORMATS):
                 if col in df:
                     axes[i, j].plot(df["epoch"], df[col], color=colours[fold], ls="--", label=fold)
         _off_scale(axes[0, j], [df for m2, _, df in logs if m2 == mo])
+        _endings(axes[-1, j], {f: records[d] for (m2, f), d in dirs.items() if m2 == mo and d in records}, colours)
         axes[0, j].set_title(mo, fontsize=8)
         axes[0, j].set_ylabel("loss (model's own)")
         for i, col in enumerate(extra, start=1):
@@ -61,6 +69,27 @@ def training_curves(log_csvs, out_prefix, formats=FORMATS):
     )
     save(fig, out_prefix, formats)
     return fig
+
+
+def _job_record(path):
+    """A training job's ``metrics_val.json``, with the keys the panel writes."""
+    try:
+        v = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"unreadable training record ({err})") from None
+    missing = [k for k in ("epochs_run", "best_epoch") if k not in v]
+    if missing:
+        raise InputError(path, f"missing {missing}: not a training job's metrics_val.json")
+    return v
+
+
+def _endings(ax, records, colours):
+    """Write what ended each fold's job (``metrics_val.json``: stop, epochs run, best epoch), in its colour."""
+    for i, (fold, v) in enumerate(sorted(records.items(), reverse=True)):
+        stop = v.get("stop") or ("patience" if v.get("stopped_early") else "cap")
+        text = f"{fold}: {stop}, {v['epochs_run']} epochs, best {v['best_epoch']}"
+        ax.text(0.98, 0.03 + 0.09 * i, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=5,
+                color=colours.get(fold, "black"))  # fmt: skip
 
 
 #: A loss this many times the spread of the values below it is drawn off scale.
