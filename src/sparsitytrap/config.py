@@ -351,10 +351,6 @@ def fold_samples(config, fold):
 #: (the workflow's params leave them out) nor stop a checkpoint from resuming.
 SERVING_KEYS = ("resident", "num_workers")
 
-#: First epoch of the plateau rule when ``training.plateau_min_epochs`` is not set: the first
-#: epoch whose log has a last quarter (4 epochs).
-PLATEAU_MIN_EPOCHS = 4
-
 
 def model_config(config, name, serving=True):
     """One model's resolved settings: training defaults overridden by the model's own keys.

@@ -21,9 +21,10 @@ SSIM_MIN_RANGE = 1e-6
 def _ssim_mean(a, b, win, c1, c2, v, c):
     """Mean SSIM map of one pair ``a, b [H, W]`` (float64), skimage's uniform window, cropped borders.
 
-    ``v [5, H - win + 1, W]`` and ``c [5, W]`` are scratch. Window sums as the torch version made
-    them: down the rows ``win`` sequential adds, along the rows differences of a running sum, so
-    the numbers are those of the tested vectorised code (within 1e-15 of skimage).
+    ``v [5, H - win + 1, W]`` and ``c [5, W + 1]`` are scratch. Window sums as the torch version
+    made them: down the rows ``win`` sequential adds, along the rows differences of a running sum
+    (``c[:, 0]`` is 0, so the first window is the running sum itself), so the numbers are those of
+    the tested vectorised code (within 1e-15 of skimage).
     """
     h, w = a.shape
     n, m = h - win + 1, w - win + 1
@@ -50,15 +51,11 @@ def _ssim_mean(a, b, win, c1, c2, v, c):
             r2 += v[2, i, j]
             r3 += v[3, i, j]
             r4 += v[4, i, j]
-            c[0, j], c[1, j], c[2, j], c[3, j], c[4, j] = r0, r1, r2, r3, r4
+            c[0, j + 1], c[1, j + 1], c[2, j + 1], c[3, j + 1], c[4, j + 1] = r0, r1, r2, r3, r4
         for j in range(m):
-            if j == 0:
-                ux, uy = c[0, win - 1] / area, c[1, win - 1] / area
-                sxx, syy, sxy = c[2, win - 1] / area, c[3, win - 1] / area, c[4, win - 1] / area
-            else:
-                e, s = j + win - 1, j - 1
-                ux, uy = (c[0, e] - c[0, s]) / area, (c[1, e] - c[1, s]) / area
-                sxx, syy, sxy = (c[2, e] - c[2, s]) / area, (c[3, e] - c[3, s]) / area, (c[4, e] - c[4, s]) / area
+            e = j + win
+            ux, uy = (c[0, e] - c[0, j]) / area, (c[1, e] - c[1, j]) / area
+            sxx, syy, sxy = (c[2, e] - c[2, j]) / area, (c[3, e] - c[3, j]) / area, (c[4, e] - c[4, j]) / area
             uxy, uxx, uyy = ux * uy, ux * ux, uy * uy
             vx, vy, vxy = (sxx - uxx) * cov_norm, (syy - uyy) * cov_norm, (sxy - uxy) * cov_norm
             total += ((uxy * 2 + c1) * (vxy * 2 + c2)) / ((uxx + uyy + c1) * (vx + vy + c2))
@@ -68,7 +65,7 @@ def _ssim_mean(a, b, win, c1, c2, v, c):
 @numba.njit(cache=True, nogil=True)
 def _ssim_images(a, b, win, c1, c2):
     n_img, h, w = a.shape
-    v, c = np.empty((5, h - win + 1, w)), np.empty((5, w))
+    v, c = np.empty((5, h - win + 1, w)), np.zeros((5, w + 1))
     out = np.empty(n_img)
     for k in range(n_img):
         out[k] = _ssim_mean(a[k], b[k], win, c1, c2, v, c)
@@ -80,7 +77,7 @@ def _ssim_tiles(pred, target, mask, tiles, win, c1, c2, min_range, out):
     """SSIM of every gene of ``tiles`` into ``out [T, G]``: ``pred, target [T, G, H, W]``, ``mask [T, H, W]``."""
     _, g, h, w = pred.shape
     a, b = np.empty((h, w)), np.empty((h, w))
-    v, c = np.empty((5, h - win + 1, w)), np.empty((5, w))
+    v, c = np.empty((5, h - win + 1, w)), np.zeros((5, w + 1))
     for t in tiles:
         for k in range(g):
             lo, hi = np.inf, -np.inf

@@ -43,7 +43,6 @@ def initial_state():
         "best_val": math.inf,
         "best_epoch": 0,
         "bad_epochs": 0,
-        "stopped_early": False,
         "stop": None,
         "log": [],
     }

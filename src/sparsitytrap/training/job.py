@@ -304,7 +304,7 @@ def _finish(job):
         "best_epoch": state["best_epoch"],
         **{k: _finite(v) for k, v in state.get("best_metrics", {}).items()},
         "epochs_run": len(log_rows),
-        "stopped_early": bool(state["stopped_early"]),
+        "stopped_early": trainer.stopped_early,
         "stop": trainer.stop_reason,
         "last_quarter_share": _finite(last_quarter_share([r["val_loss"] for r in log_rows])),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in log_rows])) if log_rows else None,

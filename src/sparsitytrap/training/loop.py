@@ -14,7 +14,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bins import pool_masked
-from ..config import PLATEAU_MIN_EPOCHS
 from ..decoders import to_rate
 from ..metrics import PearsonAccumulator
 from ..views import DIHEDRAL
@@ -30,6 +29,11 @@ def precision(training, device):
     dtype = torch.bfloat16 if name == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # fp16 needs loss scaling
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+#: First epoch of the plateau rule when ``training.plateau_min_epochs`` is not set: the first
+#: epoch whose log has a last quarter (4 epochs).
+PLATEAU_MIN_EPOCHS = 4
 
 
 @dataclass(eq=False)
@@ -80,14 +84,16 @@ class Trainer:
 
     @property
     def done(self):
-        return self.state["epoch"] >= int(self.t["epochs"]) or self.state["stopped_early"]
+        return self.state["epoch"] >= int(self.t["epochs"]) or self.stopped_early
+
+    @property
+    def stopped_early(self):
+        return self.state.get("stop") is not None
 
     @property
     def stop_reason(self):
         """Why training ended: ``patience``, ``plateau``, ``cap`` (training.epochs), or None (not yet)."""
-        if self.state["stopped_early"]:
-            return self.state.get("stop", "patience")
-        return "cap" if self.done else None
+        return self.state.get("stop") or ("cap" if self.done else None)
 
     def epoch(self):
         """Train one epoch, validate, update early stopping and the best weights; the log row."""
@@ -100,8 +106,7 @@ class Trainer:
         row.update(best=bool(improved), seconds=round(time.perf_counter() - start, 3))
         self.state["log"].append(row)
         self.state["epoch"] = epoch
-        stop = self._early_stop()
-        self.state.update(stopped_early=stop is not None, stop=stop)
+        self.state["stop"] = self._early_stop()
         return row
 
     def _record(self, val, epoch):
