@@ -1,36 +1,57 @@
 """Streamed accumulators: every per-gene metric of one evaluation, fed batch by batch."""
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..bins import pool_mask, sum_pool
 from ..errors import InputError
-from ._tensors import F64, _as_tensor, _tissue_values
+from . import kernels as K
+from ._tensors import _as_tensor
 from .correlation import (
     TileSide,
-    _pearson_from_centered,
-    average_ranks,
-    centred_tile_ranks,
-    centred_tiles,
+    _sides,
+    kernel_array,
     pearson_from_sums,
     pearson_per_tile,
     spearman_per_tile,
-    tile_correlation,
+    tile_pair,
+    tile_pearson,
+    tile_side,
+    tile_spearman,
 )
 from .ssim import SSIM_MIN_TISSUE, ssim_per_tile
 
 DEVIANCE_EPS = 1e-8
 
 
+def _merge(n, mx, my, mxx, myy, mxy):
+    """Merge groups (rows ``[R, G]``: bins, means, centred sums of squares and cross products) into one.
+
+    The parallel form of Welford's update (Chan et al. 1979): each group's centred sums plus its
+    bins times the squared distance of its means from the pooled mean. No large sums cancel, so
+    a pooled Pearson of values far from 0 stays exact to float64 (``[G]`` arrays out).
+    """
+    total = n.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        wx, wy = n * np.nan_to_num(mx), n * np.nan_to_num(my)
+        px, py = wx.sum(0) / total, wy.sum(0) / total
+        dx, dy = np.where(n > 0, mx - px, 0.0), np.where(n > 0, my - py, 0.0)
+    keep = n > 0
+    sxx = np.where(keep, mxx + n * dx * dx, 0.0).sum(0)
+    syy = np.where(keep, myy + n * dy * dy, 0.0).sum(0)
+    sxy = np.where(keep, mxy + n * dx * dy, 0.0).sum(0)
+    return total, px, py, sxx, syy, sxy
+
+
 class PearsonAccumulator:
     """Per-gene Pearson over all tissue bins of a stream of batches (pooled over tiles).
 
-    Keeps per-gene n and sums of x, y, xx, yy, xy in float64, shifted by a per-gene reference
-    (the first batch's tissue means) so that large offsets do not cancel catastrophically.
+    Keeps per gene the bins, means, centred sums of squares and cross products (float64), merged
+    batch by batch from per-tile moments (:func:`_merge`), so that large offsets never cancel.
     A side that is exactly constant (running min == max) gives NaN.
 
     Parameters
@@ -41,56 +62,55 @@ class PearsonAccumulator:
 
     def __init__(self, n_genes):
         self.n_genes = n_genes
-        self._sums = None  # [6, G]: n, sx, sy, sxx, syy, sxy
-        self._ref = None  # [2, G]
+        self._state = None  # [6, G]: n, mean x, mean y, cxx, cyy, cxy
         self._range = None  # [4, G]: min x, max x, min y, max y
 
     def update(self, pred, target, mask):
-        """Add one batch ``pred, target [T, G, H, W]``, ``mask [T, H, W]``."""
-        # gathered, then converted: the same values, half the bytes moved (training validates with this)
-        self.add(_tissue_values(pred, mask).to(F64), _tissue_values(target, mask).to(F64))
+        """Add one batch ``pred, target [T, G, H, W]``, ``mask [T, H, W]`` (tensors or arrays, any device)."""
+        a, b = _sides(pred, target, mask, ranks=False)
+        self.add_sides(a, b, tile_pair(a, b))
 
     def add(self, x, y):
-        """Add tissue values ``x, y [G, n]`` (float64) of one batch."""
-        if x.shape[1] == 0:
+        """Add tissue values ``x, y [G, n]`` of one batch (as one group)."""
+        x, y = (np.ascontiguousarray(kernel_array(v), dtype=np.float64) for v in (x, y))
+        offsets = np.array([0, x.shape[1]])
+        a, b = tile_side(x, offsets, ranks=False), tile_side(y, offsets, ranks=False)
+        self.add_sides(a, b, tile_pair(a, b))
+
+    def add_sides(self, a, b, sums):
+        """Add the tiles of two :class:`TileSide` s with their :func:`tile_pair` sums ``[T, G, 6]``."""
+        n = np.broadcast_to(a.counts[:, None].astype(np.float64), sums.shape[:2])
+        rows = [n, a.moments[..., 0], b.moments[..., 0], sums[..., 0], sums[..., 1], sums[..., 2]]
+        if self._state is not None:
+            rows = [np.vstack([s[None], r]) for s, r in zip(self._state, rows)]
+        merged = np.stack(_merge(*rows))
+        if merged[0, 0] == 0:
             return
-        if self._sums is None:
-            self._sums = torch.zeros(6, self.n_genes, dtype=F64, device=x.device)
-            self._ref = torch.stack([x.mean(dim=1), y.mean(dim=1)])
-            inf = torch.full((self.n_genes,), float("inf"), dtype=F64, device=x.device)
-            self._range = torch.stack([inf, -inf, inf, -inf])
-        xs, ys = x - self._ref[0, :, None], y - self._ref[1, :, None]
-        self._sums += torch.stack(
-            [
-                torch.full((self.n_genes,), float(x.shape[1]), dtype=F64, device=x.device),
-                xs.sum(1),
-                ys.sum(1),
-                (xs * xs).sum(1),
-                (ys * ys).sum(1),
-                (xs * ys).sum(1),
-            ]
-        )
-        r = self._range
-        self._range = torch.stack(
-            [
-                torch.minimum(r[0], x.amin(1)),
-                torch.maximum(r[1], x.amax(1)),
-                torch.minimum(r[2], y.amin(1)),
-                torch.maximum(r[3], y.amax(1)),
-            ]
-        )
+        self._state = merged
+        lo_x, hi_x, lo_y, hi_y = (m[..., i] for m in (a.moments, b.moments) for i in (1, 2))
+        r = self._range if self._range is not None else np.full((4, self.n_genes), np.nan)
+        with warnings.catch_warnings():  # all-NaN columns: tiles without tissue
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self._range = np.stack([
+                np.nanmin(np.vstack([r[0], lo_x]), 0),
+                np.nanmax(np.vstack([r[1], hi_x]), 0),
+                np.nanmin(np.vstack([r[2], lo_y]), 0),
+                np.nanmax(np.vstack([r[3], hi_y]), 0),
+            ])  # fmt: skip
 
     def compute(self):
         """Per-gene Pearson r, ``[G]`` numpy float64 (NaN: < 2 bins or a constant side)."""
-        if self._sums is None:
+        if self._state is None:
             return np.full(self.n_genes, np.nan)
-        lo_x, hi_x, lo_y, hi_y = self._range.cpu().numpy()
-        return pearson_from_sums(self._sums.cpu().numpy().T, (lo_x == hi_x) | (lo_y == hi_y))
+        n, _, _, cxx, cyy, cxy = self._state
+        zero = np.zeros_like(n)  # sums of deviations from the pooled means
+        lo_x, hi_x, lo_y, hi_y = self._range
+        return pearson_from_sums(np.stack([n, zero, zero, cxx, cyy, cxy], -1), (lo_x == hi_x) | (lo_y == hi_y))
 
     @property
     def n_bins(self):
         """Number of tissue bins seen."""
-        return 0 if self._sums is None else int(self._sums[0, 0])
+        return 0 if self._state is None else int(self._state[0, 0])
 
 
 class TileMetricAccumulator:
@@ -139,10 +159,10 @@ class TileMetricAccumulator:
         return np.where(count > 0, mean, np.nan), count
 
 
-def _stored(values):
-    # float16 predictions stay float16 (half the memory, ranked by counting); the rest as float32
-    keep = values.dtype in (torch.float16, torch.bfloat16)
-    return values.to("cpu", values.dtype if keep else torch.float32)
+def _stored(side, dtype):
+    """Tissue values ``[G, N]`` of a side kept for the pooled Spearman: float16 predictions as float16
+    (half the memory; exact, they were float16), everything else as float32."""
+    return side.values.astype(np.float16 if dtype in (torch.float16, np.float16) else np.float32)
 
 
 class SpearmanAccumulator:
@@ -153,7 +173,7 @@ class SpearmanAccumulator:
     2 x tissue bins x genes x 4 bytes (one patient of about 5 million tissue bins and 50 genes:
     2 GB; 1.5 GB with float16 predictions; an accumulator given ``counts_of`` keeps no counts of
     its own). Fine for evaluation-sized gene panels, not for a whole transcriptome. Ties (zero
-    counts) get average ranks (:func:`average_ranks`: counted for counts and float16).
+    counts) get average ranks (:func:`.kernels.rank_1d`).
     """
 
     def __init__(self, n_genes, counts_of=None):
@@ -168,13 +188,14 @@ class SpearmanAccumulator:
 
     def update(self, pred, target, mask):
         """Keep the tissue values of one batch."""
-        self.add(_tissue_values(pred, mask), _tissue_values(target, mask))
+        a, b = _sides(pred, target, mask, ranks=False)
+        self.add(_stored(a, pred.dtype), _stored(b, target.dtype))
 
     def add(self, x, y):
         """Keep tissue values ``x, y [G, n]`` of one batch (``y`` only by the first of a group)."""
-        self._x.append(_stored(x))
+        self._x.append(np.asarray(x))
         if self is self._group[0]:
-            self._y.append(_stored(y))
+            self._y.append(np.asarray(y))
         for acc in self._group:
             acc._rho = None
 
@@ -187,22 +208,27 @@ class SpearmanAccumulator:
         return self._rho.copy()
 
 
+def _centred_ranks(chunks, g):
+    """Centred average ranks (exact half-integers) of gene ``g`` over all chunks; None if constant."""
+    x = np.concatenate([c[g] for c in chunks]).astype(np.float64)
+    if x.min() == x.max():
+        return None
+    return K.rank_1d(x) - (len(x) + 1) / 2
+
+
 def _pooled_spearman(ys, xss, n_genes):
     """Per-gene Spearman of each list of ``x`` chunks in ``xss`` against the ``y`` chunks ``ys``."""
     rhos = [np.full(n_genes, np.nan) for _ in xss]
     if not ys or sum(c.shape[1] for c in ys) < 2:
         return rhos
     for g in range(n_genes):  # one gene at a time bounds the memory of the ranks
-        y = torch.cat([c[g] for c in ys])
-        if y.min() == y.max():
+        ry = _centred_ranks(ys, g)
+        if ry is None:
             continue
-        ry = average_ranks(y)
-        ry = ry - ry.mean()
         for rho, xs in zip(rhos, xss):
-            x = torch.cat([c[g] for c in xs])
-            if x.min() != x.max():
-                rx = average_ranks(x)
-                rho[g] = float(_pearson_from_centered(rx - rx.mean(), ry, 0).clamp(-1, 1))
+            rx = _centred_ranks(xs, g)
+            if rx is not None:
+                rho[g] = np.clip(np.dot(rx, ry) / np.sqrt(np.dot(rx, rx) * np.dot(ry, ry)), -1, 1)
     return rhos
 
 
@@ -216,17 +242,15 @@ class CountAccumulator:
 
     def update(self, pred, target, mask):
         """Add one batch."""
-        self.add(_tissue_values(pred, mask).to(F64), _tissue_values(target, mask).to(F64))
+        a, b = _sides(pred, target, mask, ranks=False)
+        self.add(a.values, b.values)
 
     def add(self, mu, y):
-        """Add tissue values ``mu, y [G, n]`` (float64 tensors) of one batch."""
-        mu, y = mu.cpu().numpy(), y.cpu().numpy()
+        """Add tissue values ``mu, y [G, n]`` (float64) of one batch."""
+        mu, y = (np.ascontiguousarray(kernel_array(v), dtype=np.float64) for v in (mu, y))
         # 2 (y log(y / mu) - (y - mu)) summed: y log(y / mu) only where y > 0 (most counts are 0)
-        nz = y > 0
-        yn, mun = y[nz], np.maximum(mu[nz], DEVIANCE_EPS)
-        log_ratio = np.bincount(np.nonzero(nz)[0], weights=yn * (np.log(yn) - np.log(mun)), minlength=self.n_genes)
-        s_mu, s_y = mu.sum(1), y.sum(1)
-        self._sums += np.stack([s_mu, s_y, 2 * (log_ratio - s_y + s_mu), y.shape[1] - nz.sum(1)])
+        s_mu, s_y, log_ratio, zeros = K.count_sums(mu, y, DEVIANCE_EPS)
+        self._sums += np.stack([s_mu, s_y, 2 * (log_ratio - s_y + s_mu), zeros])
         self._n += mu.shape[1]
 
     def compute(self):
@@ -275,61 +299,45 @@ def check_batch(pred, target, mask, n_genes, max_pool=1, source="batch"):
     return pred, target, mask
 
 
-@dataclass
-class _Side:
-    """One side (predictions or counts) of a batch at one pooling: what every metric takes from it."""
-
-    x: torch.Tensor  # float64 [T, G, h, w]; masked and sum-pooled when pooled
-    mask: torch.Tensor  # [T, h, w] bool, max-pooled when pooled
-    counts: np.ndarray  # [T] tissue bins per tile
-    values: torch.Tensor  # tissue values [G, n], float64, tiles in order
-    stored: torch.Tensor  # tissue values for ranks (float16 predictions stay float16: ranked by their bits)
-    centred: TileSide  # centred_tiles
-    ranks: TileSide | None  # centred_tile_ranks; None without Spearman
-    pooled: bool  # k > 1
-
-
-def _pooled(levels, x64, mask, k):
-    """Masked sum-pooled ``x64`` and pooled mask at ``k``, kept in ``levels`` ({k: (values, mask)}).
+def _pooled(levels, k):
+    """Tile values and mask at pooling ``k``, kept in ``levels`` ({k: (values, mask)}, 1: the batch).
 
     Pooled from the coarsest kept level dividing ``k`` (8 from 4 from 2): a quarter of the work per
     step, and the same numbers (window sums of float16 rates and counts are exact in float64).
     """
-    if not levels:
-        levels[1] = (x64 * mask[:, None].to(F64), mask)
     if k not in levels:
         k0 = max(j for j in levels if k % j == 0)
-        p0, m0 = levels[k0]
-        levels[k] = (sum_pool(p0, k // k0), pool_mask(m0, k // k0))
+        levels[k] = K.pool(*levels[k0], k // k0)
     return levels[k]
 
 
-def _side(x, x64, mask, k, spearman, levels):
-    """The :class:`_Side` of ``x`` (``x64``: it as float64) at pooling ``k`` (``levels``: :func:`_pooled`)."""
-    if k == 1:  # no masking needed: every metric looks at tissue bins only
-        p, m, raw = x64, mask, x
-    else:
-        p, m = _pooled(levels, x64, mask, k)
-        raw = p
-    counts = m.sum((1, 2)).cpu().numpy()
-    stored = _tissue_values(raw, m)
-    values = stored.to(F64)  # one gather: float16, float32 and counts convert to float64 exactly
-    ranks = centred_tile_ranks(stored, counts) if spearman else None
-    return _Side(p, m, counts, values, stored, centred_tiles(values, counts), ranks, k > 1)
+@dataclass
+class _Side:
+    """One side (predictions or counts) of a batch at one pooling: its :class:`TileSide` and what
+    the pooled Spearman keeps of it (None without Spearman)."""
+
+    tiles: TileSide
+    stored: np.ndarray | None
+
+
+def _side(levels, k, spearman, dtype):
+    """The :class:`_Side` at pooling ``k`` of the batch in ``levels`` (:func:`_pooled`), of dtype ``dtype``."""
+    values, offsets = K.gather(*_pooled(levels, k))
+    tiles = tile_side(values, offsets, ranks=spearman)
+    return _Side(tiles, _stored(tiles, dtype if k == 1 else np.float64) if spearman else None)
 
 
 def _shared_side(shared, target, mask, k, spearman):
     """The target's :class:`_Side`, computed once per batch and kept in ``shared``."""
     key = ("target", k, spearman)
     if key not in shared:
-        if "target64" not in shared:
-            shared["target64"], shared["target_levels"] = target.to(F64), {}
-        shared[key] = _side(target, shared["target64"], mask, k, spearman, shared["target_levels"])
+        levels = shared.setdefault("target_levels", {1: (kernel_array(target), mask)})
+        shared[key] = _side(levels, k, spearman, target.dtype)
     return shared[key]
 
 
 def tile_sums(a, b):
-    """Per (tile, gene) pooled-Pearson sums and tissue ranges of two :class:`_Side` s.
+    """Per (tile, gene) pooled-Pearson sums and tissue ranges of two :class:`TileSide` s.
 
     Summing the sums over any multiset of tiles (and taking the min and max of the ranges) gives
     that multiset's pooled Pearson by :func:`pearson_from_sums`, so a bootstrap over tiles needs
@@ -340,12 +348,9 @@ def tile_sums(a, b):
     ``[T, G, 10]`` float64 numpy array: n and the sums of x, y, xx, yy, xy, then min x, max x,
     min y, max y (NaN range: no tissue).
     """
-    # pooled sides are masked already (a pooled bin off tissue sums zeros only)
-    x, y = (a.x, b.x) if a.pooled else (a.x * a.mask[:, None], b.x * b.mask[:, None])
-    n = torch.from_numpy(a.counts.astype(np.float64))[:, None].expand(x.shape[:2])
-    parts = [n, x.sum((2, 3)), y.sum((2, 3)), (x * x).sum((2, 3)), (y * y).sum((2, 3)), (x * y).sum((2, 3))]
-    parts += [torch.from_numpy(r) for side in (a, b) for r in (side.centred.lo, side.centred.hi)]
-    return torch.stack(parts, dim=-1).cpu().numpy()
+    n = np.broadcast_to(a.counts[:, None].astype(np.float64), a.moments.shape[:2])
+    ranges = [side.moments[..., i] for side in (a, b) for i in (1, 2)]
+    return np.concatenate([n[..., None], K.raw_sums(a.values, b.values, a.offsets), np.stack(ranges, -1)], -1)
 
 
 class GeneMetrics:
@@ -423,25 +428,26 @@ class GeneMetrics:
         """
         pred, target, mask = check_batch(pred, target, mask, self.n_genes, max(self.scales), self.source)
         shared = {} if shared is None else shared
-        p64 = pred.to(F64)  # converted once for every scale
+        m = shared.setdefault("mask", kernel_array(mask))
+        levels = {1: (kernel_array(pred), m)}
         spearman = bool(self._scc)
-        native, levels = None, {}
-        for k in self.scales:
-            a = _side(pred, p64, mask, k, spearman, levels)
-            native = a if k == 1 else native
-            b = _shared_side(shared, target, mask, k, spearman)
+        for k in sorted(set(self.scales) | {1}):  # the native side scores the counts too
+            a, b = _side(levels, k, spearman, pred.dtype), _shared_side(shared, target, m, k, spearman)
+            if k == 1:
+                self._counts.add(a.tiles.values, b.tiles.values)
+            if k not in self._pcc:
+                continue
+            sums = tile_pair(a.tiles, b.tiles)
             _, pooled, pertile = self._pcc[k]
-            pooled.add(a.values, b.values)
-            pertile.add(tile_correlation(a.centred, b.centred))
+            pooled.add_sides(a.tiles, b.tiles, sums)
+            pertile.add(tile_pearson(a.tiles, b.tiles, sums))
             if k in self._scc:
                 self._scc[k][1].add(a.stored, b.stored)
-                self._scc[k][2].add(tile_correlation(a.ranks, b.ranks))
+                self._scc[k][2].add(tile_spearman(a.tiles, b.tiles, sums))
             if self._sums is not None:
-                self._sums[k].append(tile_sums(a, b))
+                self._sums[k].append(tile_sums(a.tiles, b.tiles))
         if self._ssim:
             self._ssim[1].update(pred, target, mask)
-        native = native or _side(pred, p64, mask, 1, False, levels)
-        self._counts.add(native.values, _shared_side(shared, target, mask, 1, spearman).values)
 
     def table(self, genes=None):
         """One row per gene: pcc_*_pooled, pcc_*_pertile, scc_*, ssim_*, ssim_pairs, ratio, ...
