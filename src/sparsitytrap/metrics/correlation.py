@@ -6,18 +6,8 @@ import numpy as np
 import torch
 
 from . import kernels as K
+from ._tensors import kernel_array
 from .sums import pearson_from_sums  # noqa: F401 - part of this module's API
-
-
-def kernel_array(x):
-    """Numpy ``x`` for the compiled kernels: CPU, contiguous, 16-bit floats widened (exactly) to float32."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        x = x.cpu().numpy()
-    x = np.asarray(x)
-    return np.ascontiguousarray(x.astype(np.float32) if x.dtype == np.float16 else x)
 
 
 def average_ranks(x, valid=None):

@@ -62,21 +62,22 @@ def pool(x, mask, f):
 
 
 @numba.njit(**_JIT)
-def gather(x, mask):
-    """Tissue values ``[G, N]`` float64 of ``x [T, G, H, W]`` (tiles in order, bins row-major) and
-    the tiles' offsets ``[T + 1]`` into them."""
+def gather(x, mask, dtype=np.float64):
+    """Tissue values ``[G, N]`` of ``x [T, G, H, W]`` (tiles in order, bins row-major) as ``dtype``,
+    and the tiles' offsets ``[T + 1]`` into them."""
     n_t, n_g, h, w = x.shape
     offsets = np.zeros(n_t + 1, np.int64)
     for t in range(n_t):
         offsets[t + 1] = offsets[t] + mask[t].sum()
-    out = np.empty((n_g, offsets[n_t]))
+    out = np.empty((n_g, offsets[n_t]), dtype)
     for t in range(n_t):
         idx = np.flatnonzero(mask[t])
         o = offsets[t]
         for g in range(n_g):
             flat = x[t, g].ravel()
+            dst = out[g]
             for m in range(len(idx)):
-                out[g, o + m] = flat[idx[m]]
+                dst[o + m] = flat[idx[m]]
     return out, offsets
 
 
@@ -94,16 +95,19 @@ def moments(values, offsets):
         for t in range(n_t):
             v = values[g, offsets[t] : offsets[t + 1]]
             if len(v):
-                out[t, g, 0], out[t, g, 1], out[t, g, 2] = _sum(v) / len(v), v.min(), v.max()
+                s, out[t, g, 1], out[t, g, 2] = _sum_min_max(v)
+                out[t, g, 0] = s / len(v)
     return out
 
 
-@numba.njit(**_FAST)
-def _sum(v):
-    s = 0.0
+@numba.njit(**_JIT, fastmath={"reassoc", "nnan"})
+def _sum_min_max(v):
+    """Sum (in vector lanes), min and max of finite values (NaN never reaches here: batches are checked)."""
+    s, lo, hi = 0.0, np.inf, -np.inf
     for x in v:
         s += x
-    return s
+        lo, hi = min(lo, x), max(hi, x)
+    return s, lo, hi
 
 
 @numba.njit(**_FAST)
@@ -159,12 +163,26 @@ def _order_key(v):
     return ~v if v & top else v | top
 
 
+@numba.njit(inline="always")
+def _low_bit(diff):
+    """Index of the lowest set bit of a nonzero uint64."""
+    lo = 0
+    while not (diff >> np.uint64(lo)) & np.uint64(1):
+        lo += 1
+    return lo
+
+
 @numba.njit(**_JIT)
 def _rank_into(v, out, work):
     """Average ranks (1-based, ties share their mean rank) of the 1-D values ``v`` into ``out``.
 
     ``work``: scratch of :func:`_work` for at least ``len(v)`` values. Exact: ranks are
     half-integers. A value's rank is the number of smaller values plus ``(ties + 1) / 2``.
+
+    The order keys of the nonzero values, less the smallest and shifted past the low bits none of
+    them sets, number a few thousand buckets for counts or one gene's float16 rates: they are
+    counted in one pass, zeros in a bucket of their own below (or above) them. Wider keys
+    (pooled float rates) go by an LSD radix sort.
     """
     n = len(v)
     if n == 0:
@@ -173,29 +191,67 @@ def _rank_into(v, out, work):
     for i in range(n):
         f[i] = np.float64(v[i]) + 0.0  # -0 becomes +0: they tie
     bits = f[:n].view(np.uint64)
-    k0 = _order_key(bits[0])
-    diff = np.uint64(0)
+    zero = np.uint64(1) << np.uint64(63)  # the order key of +0
+    k0 = kmin = kmax = diff = np.uint64(0)
+    n_zero = 0
     for i in range(n):
-        key[i] = _order_key(bits[i])
-        diff |= key[i] ^ k0
-    if diff == 0:
+        k = _order_key(bits[i])
+        key[i] = k
+        if k == zero:
+            n_zero += 1
+        elif n_zero == i and kmax == 0:  # the first nonzero value
+            k0 = kmin = kmax = k
+        else:
+            diff |= k ^ k0
+            kmin, kmax = min(kmin, k), max(kmax, k)
+    if n_zero == n or (n_zero == 0 and diff == 0):
         out[:n] = (n + 1) / 2
         return
-    lo = 0
-    while not (diff >> np.uint64(lo)) & np.uint64(1):
-        lo += 1
+    lo = _low_bit(diff) if diff else 0
+    span = (kmax - kmin) >> np.uint64(lo)  # nonzero buckets 0 .. span
+    if (n_zero == 0 or not kmin < zero < kmax) and span < len(avg) and span < 2 * n + (1 << DIGIT_BITS):
+        _counted_ranks(key, n, kmin, lo, int(span), zero, n_zero, zero < kmin, out, hist, avg)
+        return
+    _radix_ranks(key, n, out, work)
+
+
+@numba.njit(inline="always")
+def _counted_ranks(key, n, kmin, lo, span, zero, n_zero, zeros_low, out, hist, avg):
+    """Ranks by one histogram of the nonzero values' rebased keys; zeros (counted already) below or above them."""
+    shift = np.uint64(lo)
+    h = hist[: span + 1]
+    h[:] = 0
+    for i in range(n):  # zeros skipped: most counts are 0, and one bucket hit in a row stalls on its store
+        if key[i] != zero:
+            h[(key[i] - kmin) >> shift] += 1
+    below = n_zero if zeros_low else 0
+    for d in range(span + 1):
+        ties = h[d]
+        avg[d] = below + (ties + 1) / 2
+        below += ties
+    zero_rank = (n_zero + 1) / 2 if zeros_low else n - (n_zero - 1) / 2
+    for i in range(n):
+        k = key[i]
+        out[i] = zero_rank if k == zero else avg[(k - kmin) >> shift]
+
+
+@numba.njit(inline="always")
+def _radix_ranks(key, n, out, work):
+    """Ranks by an LSD radix sort of (key, index) over the key bits that vary, then tie groups."""
+    _, _, key2, idx, idx2, hist, _ = work
+    diff = np.uint64(0)
+    for i in range(n):
+        diff |= key[i] ^ key[0]
+    lo = _low_bit(diff)
     hi = 63
     while not (diff >> np.uint64(hi)) & np.uint64(1):
         hi -= 1
     width = hi - lo + 1
-    if width <= 40 and (1 << width) <= 2 * max(n, 1 << DIGIT_BITS):  # few distinct patterns: count them
-        _counted_ranks(key, n, lo, width, out, hist, avg)
-        return
     passes = (width + DIGIT_BITS - 1) // DIGIT_BITS
     step = (width + passes - 1) // passes
     for i in range(n):
         idx[i] = i
-    for p in range(passes):  # LSD radix sort of (key, index), `step` bits a pass
+    for p in range(passes):  # `step` bits a pass
         shift = np.uint64(lo + p * step)
         m = np.uint64((1 << step) - 1)
         h = hist[: (1 << step) + 1]
@@ -221,28 +277,10 @@ def _rank_into(v, out, work):
         i = j
 
 
-@numba.njit(inline="always")
-def _counted_ranks(key, n, lo, width, out, hist, avg):
-    """Ranks by one histogram of the ``width`` varying key bits from bit ``lo`` (see :func:`_rank_into`)."""
-    shift = np.uint64(lo)
-    m = np.uint64((1 << width) - 1)
-    h = hist[: (1 << width) + 1]
-    h[:] = 0
-    for i in range(n):
-        h[((key[i] >> shift) & m) + 1] += 1
-    below = 0
-    for d in range(len(h) - 1):
-        ties = h[d + 1]
-        avg[d] = below + (ties + 1) / 2
-        below += ties
-    for i in range(n):
-        out[i] = avg[(key[i] >> shift) & m]
-
-
 @numba.njit(**_JIT)
 def _work(n):
     """Scratch of :func:`_rank_into` for up to ``n`` values."""
-    buckets = 2 * max(n, 1 << DIGIT_BITS)  # the most a counting pass uses
+    buckets = 2 * n + (1 << DIGIT_BITS)  # the most a counting pass uses
     return (np.empty(n), np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty(n, np.int64),
             np.empty(n, np.int64), np.zeros(buckets + 1, np.int64), np.empty(buckets))  # fmt: skip
 
@@ -274,10 +312,22 @@ def rank_rows(x, valid):
 
 @numba.njit(**_JIT)
 def rank_1d(x):
-    """Average ranks of the 1-D values ``x`` (float64)."""
+    """Average ranks of the 1-D values ``x`` (float32 or float64), float64."""
     out = np.empty(len(x))
     _rank_into(x, out, _work(len(x)))
     return out
+
+
+@numba.njit(**_JIT)
+def centred_ranks_1d(x):
+    """Centred average ranks ``rank - (n + 1) / 2`` of the 1-D values ``x`` and their sum of squares (0: constant)."""
+    r = rank_1d(x)
+    centre = (len(x) + 1) / 2
+    ss = 0.0
+    for i in range(len(r)):
+        r[i] -= centre
+        ss += r[i] * r[i]  # quarter-integers: exact
+    return r, ss
 
 
 @numba.njit(**_JIT)
@@ -290,12 +340,15 @@ def tile_ranks(values, offsets):
     for t in range(n_t):
         longest = max(longest, offsets[t + 1] - offsets[t])
     work = _work(longest)
+    r = np.empty(longest)
     for g in range(n_g):
+        row, ranks = values[g], out[g]
         for t in range(n_t):
             a, b = offsets[t], offsets[t + 1]
-            r = out[g, a:b]
-            _rank_into(values[g, a:b], r, work)
-            r -= (b - a + 1) / 2
+            _rank_into(row[a:b], r, work)
+            centre = (b - a + 1) / 2
+            for i in range(b - a):
+                ranks[a + i] = r[i] - centre
     return out
 
 
@@ -303,25 +356,44 @@ def tile_ranks(values, offsets):
 # count scores
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_FAST)
 def count_sums(mu, y, eps):
     """Per gene of tissue rates and counts ``mu, y [G, N]``: sums of mu, y and ``y log(y / mu)``
     (over ``y > 0``, mu clamped at ``eps``), and the number of zero counts; ``[4, G]``."""
     n_g, n = mu.shape
     out = np.zeros((4, n_g))
     for g in range(n_g):
-        sm = cm = sy = cy = sl = cl = 0.0
+        sm = sy = sl = 0.0
         zeros = 0
         for i in range(n):
-            m, c = mu[g, i], y[g, i]
-            sm, cm = _add(sm, cm, m)
+            sm += mu[g, i]
+        for i in range(n):
+            c = y[g, i]
             if c > 0:
-                sy, cy = _add(sy, cy, c)
-                sl, cl = _add(sl, cl, c * (np.log(c) - np.log(max(m, eps))))
+                sy += c
+                sl += c * (np.log(c) - np.log(max(mu[g, i], eps)))
             else:
                 zeros += 1
-        out[0, g], out[1, g], out[2, g], out[3, g] = sm + cm, sy + cy, sl + cl, zeros
+        out[0, g], out[1, g], out[2, g], out[3, g] = sm, sy, sl, zeros
     return out
+
+
+@numba.njit(**_JIT)
+def tissue_faults(pred, target, mask):
+    """Whether a tissue bin of ``pred, target [T, G, H, W]`` has a NaN or infinite prediction, and
+    whether one has a negative count."""
+    n_t, n_g, h, w = pred.shape
+    bad_pred = bad_count = False
+    for t in range(n_t):
+        m = mask[t]
+        for g in range(n_g):
+            p, y = pred[t, g], target[t, g]
+            for i in range(h):
+                for j in range(w):
+                    if m[i, j]:
+                        bad_pred |= p[i, j] - p[i, j] != 0  # NaN for NaN and infinities
+                        bad_count |= y[i, j] < 0
+    return bad_pred, bad_count
 
 
 @numba.njit(**_JIT)

@@ -10,11 +10,10 @@ import torch
 
 from ..errors import InputError
 from . import kernels as K
-from ._tensors import _as_tensor
+from ._tensors import kernel_array
 from .correlation import (
     TileSide,
     _sides,
-    kernel_array,
     pearson_from_sums,
     pearson_per_tile,
     spearman_per_tile,
@@ -159,10 +158,20 @@ class TileMetricAccumulator:
         return np.where(count > 0, mean, np.nan), count
 
 
-def _stored(side, dtype):
-    """Tissue values ``[G, N]`` of a side kept for the pooled Spearman: float16 predictions as float16
-    (half the memory; exact, they were float16), everything else as float32."""
-    return side.values.astype(np.float16 if dtype in (torch.float16, np.float16) else np.float32)
+def _float16_bits(x):
+    """The bit patterns (uint16 numpy) of float16 ``x`` (tensor or array), else None."""
+    if x.dtype not in (torch.float16, np.float16):
+        return None
+    x = x.detach().cpu().view(torch.int16).numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return np.ascontiguousarray(x).view(np.uint16)
+
+
+def _stored(values, mask, bits):
+    """Tissue values ``[G, N]`` kept for the pooled Spearman: float16 predictions (``bits``: their
+    patterns, :func:`_float16_bits`) as float16, half the memory and exact; the rest as float32."""
+    if bits is None:
+        return values.astype(np.float32)
+    return K.gather(bits, mask, np.uint16)[0].view(np.float16)
 
 
 class SpearmanAccumulator:
@@ -189,7 +198,8 @@ class SpearmanAccumulator:
     def update(self, pred, target, mask):
         """Keep the tissue values of one batch."""
         a, b = _sides(pred, target, mask, ranks=False)
-        self.add(_stored(a, pred.dtype), _stored(b, target.dtype))
+        m = kernel_array(mask).astype(bool)
+        self.add(_stored(a.values, m, _float16_bits(pred)), _stored(b.values, m, _float16_bits(target)))
 
     def add(self, x, y):
         """Keep tissue values ``x, y [G, n]`` of one batch (``y`` only by the first of a group)."""
@@ -210,10 +220,9 @@ class SpearmanAccumulator:
 
 def _centred_ranks(chunks, g):
     """Centred average ranks (exact half-integers) of gene ``g`` over all chunks; None if constant."""
-    x = np.concatenate([c[g] for c in chunks]).astype(np.float64)
-    if x.min() == x.max():
-        return None
-    return K.rank_1d(x) - (len(x) + 1) / 2
+    x = np.concatenate([c[g] for c in chunks])
+    r, ss = K.centred_ranks_1d(x if x.dtype in (np.float32, np.float64) else x.astype(np.float32))
+    return r if ss > 0 else None
 
 
 def _pooled_spearman(ys, xss, n_genes):
@@ -269,7 +278,7 @@ class CountAccumulator:
 
 
 def check_batch(pred, target, mask, n_genes, max_pool=1, source="batch"):
-    """Validate one batch and return torch tensors ``(pred, target, mask)`` (mask as bool).
+    """Validate one batch and return it as numpy arrays for the kernels (:func:`._tensors.kernel_array`, mask bool).
 
     Raises
     ------
@@ -277,7 +286,7 @@ def check_batch(pred, target, mask, n_genes, max_pool=1, source="batch"):
         Naming ``source`` and the fault: shapes, gene count, pooling divisibility,
         non-finite predictions at tissue bins, negative counts.
     """
-    pred, target, mask = _as_tensor(pred), _as_tensor(target), _as_tensor(mask)
+    pred, target, mask = kernel_array(pred), kernel_array(target), kernel_array(mask)
     if pred.ndim != 4:
         raise InputError(source, f"predictions must be [tiles, genes, H, W], got shape {tuple(pred.shape)}")
     if tuple(target.shape) != tuple(pred.shape):
@@ -289,12 +298,11 @@ def check_batch(pred, target, mask, n_genes, max_pool=1, source="batch"):
         raise InputError(source, f"{g} genes in the batch, expected {n_genes}")
     if h % max_pool or w % max_pool:
         raise InputError(source, f"tile {h}x{w} bins is not divisible by the pooling factor {max_pool}")
-    mask = mask.to(pred.device) != 0
-    target = target.to(pred.device)
-    off = ~mask[:, None]  # checked in place: gathering the tissue values would cost more
-    if not (torch.isfinite(pred) | off).all():
+    mask = mask.astype(bool, copy=False)
+    bad_pred, bad_count = K.tissue_faults(pred, target, mask)
+    if bad_pred:
         raise InputError(source, "predictions are NaN or infinite at tissue bins")
-    if ((target < 0) & ~off).any():
+    if bad_count:
         raise InputError(source, "target counts are negative at tissue bins")
     return pred, target, mask
 
@@ -320,19 +328,20 @@ class _Side:
     stored: np.ndarray | None
 
 
-def _side(levels, k, spearman, dtype):
-    """The :class:`_Side` at pooling ``k`` of the batch in ``levels`` (:func:`_pooled`), of dtype ``dtype``."""
+def _side(levels, k, spearman, bits=None):
+    """The :class:`_Side` at pooling ``k`` of the batch in ``levels`` (:func:`_pooled`); ``bits``: of
+    float16 predictions (:func:`_float16_bits`)."""
     values, offsets = K.gather(*_pooled(levels, k))
     tiles = tile_side(values, offsets, ranks=spearman)
-    return _Side(tiles, _stored(tiles, dtype if k == 1 else np.float64) if spearman else None)
+    return _Side(tiles, _stored(values, levels[1][1], bits if k == 1 else None) if spearman else None)
 
 
 def _shared_side(shared, target, mask, k, spearman):
     """The target's :class:`_Side`, computed once per batch and kept in ``shared``."""
     key = ("target", k, spearman)
     if key not in shared:
-        levels = shared.setdefault("target_levels", {1: (kernel_array(target), mask)})
-        shared[key] = _side(levels, k, spearman, target.dtype)
+        levels = shared.setdefault("target_levels", {1: (target, mask)})
+        shared[key] = _side(levels, k, spearman)
     return shared[key]
 
 
@@ -426,13 +435,13 @@ class GeneMetrics:
         scoring a prediction against the same target and mask (a model and its label-shuffle null),
         so that the count side (pooling, tissue values, ranks) is computed once.
         """
+        bits = _float16_bits(pred)
         pred, target, mask = check_batch(pred, target, mask, self.n_genes, max(self.scales), self.source)
         shared = {} if shared is None else shared
-        m = shared.setdefault("mask", kernel_array(mask))
-        levels = {1: (kernel_array(pred), m)}
+        levels = {1: (pred, mask)}
         spearman = bool(self._scc)
         for k in sorted(set(self.scales) | {1}):  # the native side scores the counts too
-            a, b = _side(levels, k, spearman, pred.dtype), _shared_side(shared, target, m, k, spearman)
+            a, b = _side(levels, k, spearman, bits), _shared_side(shared, target, mask, k, spearman)
             if k == 1:
                 self._counts.add(a.tiles.values, b.tiles.values)
             if k not in self._pcc:
