@@ -28,7 +28,7 @@ def average_ranks(x, valid=None):
 
 @dataclass
 class TileSide:
-    """One side (predictions or counts) of a batch at one pooling, as every per-tile metric needs it.
+    """The counts' side of a batch at one pooling, shared by every prediction scored against it.
 
     ``values``: ``[G, N]`` float64 tissue values, tiles in order (:func:`.kernels.gather`);
     ``offsets``: ``[T + 1]`` the tiles' starts in them; ``moments``: ``[T, G, 3]`` mean, min and
@@ -46,23 +46,44 @@ class TileSide:
         """Tissue bins per tile, ``[T]``."""
         return np.diff(self.offsets)
 
-    @property
-    def constant(self):
-        """``[T, G]`` bool: the side is constant on the tile's tissue (max == min exactly) or has < 2 bins."""
-        lo, hi = self.moments[..., 1], self.moments[..., 2]
-        return ~(lo < hi) | (self.counts < 2)[:, None]
 
-
-def tile_side(values, offsets, ranks=True):
-    """:class:`TileSide` of tissue values ``[G, N]`` with tile ``offsets``; ``ranks``: for Spearman."""
+def tile_side(x, mask, ranks=True):
+    """:class:`TileSide` of ``x [T, G, h, w]`` at tissue ``mask [T, h, w]``; ``ranks``: for Spearman."""
+    values, offsets = K.gather(x, mask)
     r = K.tile_ranks(values, offsets) if ranks else np.empty((len(values), 0))
     return TileSide(values, offsets, K.moments(values, offsets), r)
 
 
-def tile_pair(a, b):
-    """Per (tile, gene) centred sums of two :class:`TileSide` s, ``[T, G, 6]``: of squared deviations
-    from the tile means of a and of b, of their products, then the same of the centred ranks."""
-    return K.centred(a.values, a.moments[..., 0], b.values, b.moments[..., 0], a.ranks, b.ranks, a.offsets)
+@dataclass
+class Pair:
+    """Predictions at one pooling scored against a :class:`TileSide` of the counts (:func:`score`).
+
+    ``moments`` ``[T, G, 3]`` of the predictions (mean, min, max); ``sums`` ``[T, G, 6]`` centred
+    sums: of squared deviations from the tile means of predictions and of counts, of their
+    products, then the same of the centred ranks (0 without ranks); ``raw`` ``[T, G, 5]`` sums of
+    x, y, xx, yy, xy (zeros unless asked); ``count_sums`` ``[4, G]`` (see :func:`.kernels.pair`);
+    ``stored`` ``[G, N]`` float32 tissue predictions (``[G, 0]`` unless asked).
+    """
+
+    target: TileSide
+    moments: np.ndarray
+    sums: np.ndarray
+    raw: np.ndarray
+    count_sums: np.ndarray
+    stored: np.ndarray
+
+    @property
+    def undefined(self):
+        """``[T, G]`` bool: either side is constant on the tile's tissue (max == min exactly), or < 2 bins."""
+        (lo, hi), (lo_y, hi_y) = ((m[..., 1], m[..., 2]) for m in (self.moments, self.target.moments))
+        return (self.target.counts < 2)[:, None] | ~(lo < hi) | ~(lo_y < hi_y)
+
+
+def score(x, mask, target, ranks=False, raw=False, counts=False, stored=False, eps=1e-8):
+    """The :class:`Pair` of predictions ``x [T, G, h, w]`` at ``mask`` against the counts' ``target`` side."""
+    out = K.pair(x, mask, target.values, target.moments[..., 0], target.ranks, target.offsets, ranks, raw, counts,
+                 stored, eps)  # fmt: skip
+    return Pair(target, *out)
 
 
 def _correlation(num, ss_a, ss_b, undefined):
@@ -71,22 +92,24 @@ def _correlation(num, ss_a, ss_b, undefined):
     return np.where(undefined, np.nan, r)
 
 
-def tile_pearson(a, b, sums):
-    """Pearson per (tile, gene) of two :class:`TileSide` s with their :func:`tile_pair` sums, NaN where undefined."""
-    return _correlation(sums[..., 2], sums[..., 0], sums[..., 1], a.constant | b.constant)
+def tile_pearson(pair):
+    """Pearson per (tile, gene) of a :class:`Pair`, ``[T, G]``, NaN where undefined."""
+    s = pair.sums
+    return _correlation(s[..., 2], s[..., 0], s[..., 1], pair.undefined)
 
 
-def tile_spearman(a, b, sums):
-    """Spearman per (tile, gene): Pearson of the centred ranks (:func:`tile_pair`), NaN where undefined."""
-    ss_a, ss_b = sums[..., 3], sums[..., 4]
-    return _correlation(sums[..., 5], ss_a, ss_b, (ss_a == 0) | (ss_b == 0) | (a.counts < 2)[:, None])
+def tile_spearman(pair):
+    """Spearman per (tile, gene) of a :class:`Pair` scored with ranks: Pearson of the centred ranks."""
+    s = pair.sums
+    few = (pair.target.counts < 2)[:, None]
+    return _correlation(s[..., 5], s[..., 3], s[..., 4], (s[..., 3] == 0) | (s[..., 4] == 0) | few)
 
 
-def _sides(pred, target, mask, ranks):
+def _batch_pair(pred, target, mask, **kwargs):
+    """The :class:`Pair` of one batch of tensors or arrays ``pred, target [T, G, H, W]``, ``mask [T, H, W]``."""
     m = kernel_array(mask).astype(bool)
-    x, offsets = K.gather(kernel_array(pred), m)
-    y, _ = K.gather(kernel_array(target), m)
-    return tile_side(x, offsets, ranks), tile_side(y, offsets, ranks)
+    side = tile_side(kernel_array(target), m, ranks=kwargs.get("ranks", False))
+    return score(kernel_array(pred), m, side, **kwargs)
 
 
 def pearson_per_tile(pred, target, mask):
@@ -103,8 +126,7 @@ def pearson_per_tile(pred, target, mask):
     -------
     ``[T, G]`` float64 tensor; NaN where a tile has < 2 tissue bins or either side is constant.
     """
-    a, b = _sides(pred, target, mask, ranks=False)
-    return torch.from_numpy(tile_pearson(a, b, tile_pair(a, b)))
+    return torch.from_numpy(tile_pearson(_batch_pair(pred, target, mask)))
 
 
 def spearman_per_tile(pred, target, mask):
@@ -112,5 +134,4 @@ def spearman_per_tile(pred, target, mask):
 
     NaN where a tile has < 2 tissue bins or either side is constant there.
     """
-    a, b = _sides(pred, target, mask, ranks=True)
-    return torch.from_numpy(tile_spearman(a, b, tile_pair(a, b)))
+    return torch.from_numpy(tile_spearman(_batch_pair(pred, target, mask, ranks=True)))

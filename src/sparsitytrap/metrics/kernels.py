@@ -247,7 +247,10 @@ def _radix_ranks(key, n, out, work):
     while not (diff >> np.uint64(hi)) & np.uint64(1):
         hi -= 1
     width = hi - lo + 1
-    passes = (width + DIGIT_BITS - 1) // DIGIT_BITS
+    digit = 4  # about log2(n) bits a pass: the buckets no more than the values, at most 2048
+    while digit < DIGIT_BITS and (1 << (digit + 1)) <= n:
+        digit += 1
+    passes = (width + digit - 1) // digit
     step = (width + passes - 1) // passes
     for i in range(n):
         idx[i] = i
@@ -275,6 +278,12 @@ def _radix_ranks(key, n, out, work):
         for m2 in range(i, j):
             out[idx[m2]] = r
         i = j
+
+
+@numba.njit(**_JIT)
+def work(n):
+    """Scratch of the rank kernels for up to ``n`` values (reused: fresh pages cost as much as ranking)."""
+    return _work(n)
 
 
 @numba.njit(**_JIT)
@@ -319,15 +328,17 @@ def rank_1d(x):
 
 
 @numba.njit(**_JIT)
-def centred_ranks_1d(x):
-    """Centred average ranks ``rank - (n + 1) / 2`` of the 1-D values ``x`` and their sum of squares (0: constant)."""
-    r = rank_1d(x)
-    centre = (len(x) + 1) / 2
+def centred_ranks_1d(x, out, work):
+    """Centred average ranks ``rank - (n + 1) / 2`` of the 1-D values ``x`` into ``out``; returns their
+    sum of squares (exact: quarter-integers; 0 when ``x`` is constant). ``work``: :func:`_work`."""
+    n = len(x)
+    _rank_into(x, out, work)
+    centre = (n + 1) / 2
     ss = 0.0
-    for i in range(len(r)):
-        r[i] -= centre
-        ss += r[i] * r[i]  # quarter-integers: exact
-    return r, ss
+    for i in range(n):
+        out[i] -= centre
+        ss += out[i] * out[i]
+    return ss
 
 
 @numba.njit(**_JIT)
@@ -356,28 +367,6 @@ def tile_ranks(values, offsets):
 # count scores
 
 
-@numba.njit(**_FAST)
-def count_sums(mu, y, eps):
-    """Per gene of tissue rates and counts ``mu, y [G, N]``: sums of mu, y and ``y log(y / mu)``
-    (over ``y > 0``, mu clamped at ``eps``), and the number of zero counts; ``[4, G]``."""
-    n_g, n = mu.shape
-    out = np.zeros((4, n_g))
-    for g in range(n_g):
-        sm = sy = sl = 0.0
-        zeros = 0
-        for i in range(n):
-            sm += mu[g, i]
-        for i in range(n):
-            c = y[g, i]
-            if c > 0:
-                sy += c
-                sl += c * (np.log(c) - np.log(max(mu[g, i], eps)))
-            else:
-                zeros += 1
-        out[0, g], out[1, g], out[2, g], out[3, g] = sm, sy, sl, zeros
-    return out
-
-
 @numba.njit(**_JIT)
 def tissue_faults(pred, target, mask):
     """Whether a tissue bin of ``pred, target [T, G, H, W]`` has a NaN or infinite prediction, and
@@ -396,26 +385,87 @@ def tissue_faults(pred, target, mask):
     return bad_pred, bad_count
 
 
-@numba.njit(**_JIT)
-def raw_sums(xa, xb, offsets):
-    """Per (tile, gene) sums of a, b, aa, bb, ab over tissue values ``[G, N]``: ``[T, G, 5]``.
+@numba.njit(**_FAST)
+def _raw_sums(a, b, out):
+    """``out[:]`` = sums of a, b, aa, bb, ab, in vector lanes (about 1e-16 relative)."""
+    s0 = s1 = s2 = s3 = s4 = 0.0
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        s0 += x
+        s1 += y
+        s2 += x * x
+        s3 += y * y
+        s4 += x * y
+    out[0], out[1], out[2], out[3], out[4] = s0, s1, s2, s3, s4
 
-    Compensated: exact for counts and float16 rates (their products are exact in float64), so
-    any order of summation gives the same numbers.
+
+@numba.njit(**_FAST)
+def _count_sums(mu, y, eps):
+    """Sums of ``mu``, ``y`` and ``y log(y / mu)`` (over ``y > 0``, mu clamped at ``eps``), and the zero counts."""
+    sm = sy = sl = 0.0
+    zeros = 0
+    for i in range(len(mu)):
+        sm += mu[i]
+    for i in range(len(mu)):
+        c = y[i]
+        if c > 0:
+            sy += c
+            sl += c * (np.log(c) - np.log(max(mu[i], eps)))
+        else:
+            zeros += 1
+    return sm, sy, sl, zeros
+
+
+@numba.njit(**_JIT)
+def pair(x, mask, ty, ty_mean, ty_ranks, offsets, ranked, raw, counts, stored, eps):
+    """What every metric takes from predictions ``x [T, G, h, w]`` at one pooling (``mask [T, h, w]``)
+    against the counts' side there (``ty [G, N]`` tissue values, ``ty_mean [T, G]``, ``ty_ranks``
+    ``[G, N]`` centred ranks or ``[G, 0]``; ``offsets [T + 1]``), one (tile, gene) at a time in cache.
+
+    Returns ``moments [T, G, 3]`` (:func:`moments`), ``sums [T, G, 6]`` (:func:`centred`; rank sums
+    with ``ranked``), ``raw [T, G, 5]`` (with ``raw``: :func:`_raw_sums`), ``count [4, G]`` (with
+    ``counts``: sums of rates, counts, ``y log(y / mu)`` and zero counts, mu clamped at ``eps``) and
+    the float32 tissue values ``[G, N]`` (with ``stored``; else ``[G, 0]``).
     """
-    n_g = xa.shape[0]
-    n_t = len(offsets) - 1
-    out = np.zeros((n_t, n_g, 5))
-    for g in range(n_g):
-        for t in range(n_t):
-            s = np.zeros(5)
-            c = np.zeros(5)
-            for i in range(offsets[t], offsets[t + 1]):
-                a, b = xa[g, i], xb[g, i]
-                s[0], c[0] = _add(s[0], c[0], a)
-                s[1], c[1] = _add(s[1], c[1], b)
-                s[2], c[2] = _add(s[2], c[2], a * a)
-                s[3], c[3] = _add(s[3], c[3], b * b)
-                s[4], c[4] = _add(s[4], c[4], a * b)
-            out[t, g] = s + c
-    return out
+    n_t, n_g = x.shape[:2]
+    mom = np.full((n_t, n_g, 3), np.nan)
+    sums = np.zeros((n_t, n_g, 6))
+    rs = np.zeros((n_t, n_g, 5))
+    cnt = np.zeros((4, n_g))
+    keep = np.empty((n_g, offsets[n_t] if stored else 0), np.float32)
+    longest = 0
+    for t in range(n_t):
+        longest = max(longest, offsets[t + 1] - offsets[t])
+    seg, rk = np.empty(longest), np.empty(longest)
+    work = _work(longest if ranked else 0)
+    for t in range(n_t):
+        idx = np.flatnonzero(mask[t])
+        n, o = len(idx), offsets[t]
+        if n == 0:
+            continue
+        centre = (n + 1) / 2
+        for g in range(n_g):
+            flat, v = x[t, g].ravel(), seg[:n]
+            for m in range(n):
+                v[m] = flat[idx[m]]
+            s, lo, hi = _sum_min_max(v)
+            mom[t, g, 0], mom[t, g, 1], mom[t, g, 2] = s / n, lo, hi
+            y = ty[g, o : o + n]
+            r = rk[: n if ranked else 0]
+            if ranked:
+                _rank_into(v, r, work)
+                for m in range(n):
+                    r[m] -= centre
+            _centred_sums(v, s / n, y, ty_mean[t, g], r, ty_ranks[g, o : o + len(r)], sums[t, g])
+            if raw:
+                _raw_sums(v, y, rs[t, g])
+            if counts:
+                sm, sy, sl, zeros = _count_sums(v, y, eps)
+                cnt[0, g] += sm
+                cnt[1, g] += sy
+                cnt[2, g] += sl
+                cnt[3, g] += zeros
+            if stored:
+                for m in range(n):
+                    keep[g, o + m] = v[m]
+    return mom, sums, rs, cnt, keep

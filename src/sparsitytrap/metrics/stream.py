@@ -2,7 +2,6 @@
 
 import functools
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -12,12 +11,11 @@ from ..errors import InputError
 from . import kernels as K
 from ._tensors import kernel_array
 from .correlation import (
-    TileSide,
-    _sides,
+    _batch_pair,
     pearson_from_sums,
     pearson_per_tile,
+    score,
     spearman_per_tile,
-    tile_pair,
     tile_pearson,
     tile_side,
     tile_spearman,
@@ -66,19 +64,16 @@ class PearsonAccumulator:
 
     def update(self, pred, target, mask):
         """Add one batch ``pred, target [T, G, H, W]``, ``mask [T, H, W]`` (tensors or arrays, any device)."""
-        a, b = _sides(pred, target, mask, ranks=False)
-        self.add_sides(a, b, tile_pair(a, b))
+        self.add_pair(_batch_pair(pred, target, mask))
 
     def add(self, x, y):
         """Add tissue values ``x, y [G, n]`` of one batch (as one group)."""
-        x, y = (np.ascontiguousarray(kernel_array(v), dtype=np.float64) for v in (x, y))
-        offsets = np.array([0, x.shape[1]])
-        a, b = tile_side(x, offsets, ranks=False), tile_side(y, offsets, ranks=False)
-        self.add_sides(a, b, tile_pair(a, b))
+        self.add_pair(_batch_pair(*_as_tile(x, y)))
 
-    def add_sides(self, a, b, sums):
-        """Add the tiles of two :class:`TileSide` s with their :func:`tile_pair` sums ``[T, G, 6]``."""
-        n = np.broadcast_to(a.counts[:, None].astype(np.float64), sums.shape[:2])
+    def add_pair(self, pair):
+        """Add the tiles of a :class:`.correlation.Pair`."""
+        a, b, sums = pair, pair.target, pair.sums
+        n = np.broadcast_to(b.counts[:, None].astype(np.float64), sums.shape[:2])
         rows = [n, a.moments[..., 0], b.moments[..., 0], sums[..., 0], sums[..., 1], sums[..., 2]]
         if self._state is not None:
             rows = [np.vstack([s[None], r]) for s, r in zip(self._state, rows)]
@@ -158,6 +153,12 @@ class TileMetricAccumulator:
         return np.where(count > 0, mean, np.nan), count
 
 
+def _as_tile(x, y):
+    """Tissue values ``x, y [G, n]`` as one tile ``[1, G, 1, n]`` of tissue bins only, with its mask."""
+    x, y = kernel_array(x), kernel_array(y)
+    return x.reshape(1, *x.shape[:1], 1, -1), y.reshape(1, *y.shape[:1], 1, -1), np.ones((1, 1, x.shape[1]), bool)
+
+
 def _float16_bits(x):
     """The bit patterns (uint16 numpy) of float16 ``x`` (tensor or array), else None."""
     if x.dtype not in (torch.float16, np.float16):
@@ -166,11 +167,9 @@ def _float16_bits(x):
     return np.ascontiguousarray(x).view(np.uint16)
 
 
-def _stored(values, mask, bits):
-    """Tissue values ``[G, N]`` kept for the pooled Spearman: float16 predictions (``bits``: their
-    patterns, :func:`_float16_bits`) as float16, half the memory and exact; the rest as float32."""
-    if bits is None:
-        return values.astype(np.float32)
+def _stored(mask, bits):
+    """Tissue values ``[G, N]`` of float16 predictions kept for the pooled Spearman as float16 (half
+    the memory, exact), from their patterns (:func:`_float16_bits`); the rest are kept as float32."""
     return K.gather(bits, mask, np.uint16)[0].view(np.float16)
 
 
@@ -197,9 +196,10 @@ class SpearmanAccumulator:
 
     def update(self, pred, target, mask):
         """Keep the tissue values of one batch."""
-        a, b = _sides(pred, target, mask, ranks=False)
+        bits = _float16_bits(pred)
+        pair = _batch_pair(pred, target, mask, stored=bits is None)
         m = kernel_array(mask).astype(bool)
-        self.add(_stored(a.values, m, _float16_bits(pred)), _stored(b.values, m, _float16_bits(target)))
+        self.add(pair.stored if bits is None else _stored(m, bits), pair.target.values.astype(np.float32))
 
     def add(self, x, y):
         """Keep tissue values ``x, y [G, n]`` of one batch (``y`` only by the first of a group)."""
@@ -218,26 +218,22 @@ class SpearmanAccumulator:
         return self._rho.copy()
 
 
-def _centred_ranks(chunks, g):
-    """Centred average ranks (exact half-integers) of gene ``g`` over all chunks; None if constant."""
-    x = np.concatenate([c[g] for c in chunks])
-    r, ss = K.centred_ranks_1d(x if x.dtype in (np.float32, np.float64) else x.astype(np.float32))
-    return r if ss > 0 else None
-
-
 def _pooled_spearman(ys, xss, n_genes):
     """Per-gene Spearman of each list of ``x`` chunks in ``xss`` against the ``y`` chunks ``ys``."""
     rhos = [np.full(n_genes, np.nan) for _ in xss]
-    if not ys or sum(c.shape[1] for c in ys) < 2:
+    n = sum(c.shape[1] for c in ys)
+    if n < 2:
         return rhos
-    for g in range(n_genes):  # one gene at a time bounds the memory of the ranks
-        ry = _centred_ranks(ys, g)
-        if ry is None:
+    # one gene at a time bounds the memory of the ranks; buffers reused from gene to gene
+    values, ry, rx, work = np.empty(n, np.float32), np.empty(n), np.empty(n), K.work(n)
+    for g in range(n_genes):
+        ss_y = K.centred_ranks_1d(np.concatenate([c[g] for c in ys], out=values), ry, work)
+        if ss_y == 0:  # constant counts
             continue
         for rho, xs in zip(rhos, xss):
-            rx = _centred_ranks(xs, g)
-            if rx is not None:
-                rho[g] = np.clip(np.dot(rx, ry) / np.sqrt(np.dot(rx, rx) * np.dot(ry, ry)), -1, 1)
+            ss_x = K.centred_ranks_1d(np.concatenate([c[g] for c in xs], out=values), rx, work)
+            if ss_x > 0:
+                rho[g] = np.clip(np.dot(rx, ry) / np.sqrt(ss_x * ss_y), -1, 1)
     return rhos
 
 
@@ -251,16 +247,18 @@ class CountAccumulator:
 
     def update(self, pred, target, mask):
         """Add one batch."""
-        a, b = _sides(pred, target, mask, ranks=False)
-        self.add(a.values, b.values)
+        self.add_pair(_batch_pair(pred, target, mask, counts=True, eps=DEVIANCE_EPS))
 
     def add(self, mu, y):
-        """Add tissue values ``mu, y [G, n]`` (float64) of one batch."""
-        mu, y = (np.ascontiguousarray(kernel_array(v), dtype=np.float64) for v in (mu, y))
+        """Add tissue values ``mu, y [G, n]`` of one batch."""
+        self.add_pair(_batch_pair(*_as_tile(mu, y), counts=True, eps=DEVIANCE_EPS))
+
+    def add_pair(self, pair):
+        """Add a :class:`.correlation.Pair` scored with ``counts`` at the native bins."""
         # 2 (y log(y / mu) - (y - mu)) summed: y log(y / mu) only where y > 0 (most counts are 0)
-        s_mu, s_y, log_ratio, zeros = K.count_sums(mu, y, DEVIANCE_EPS)
+        s_mu, s_y, log_ratio, zeros = pair.count_sums
         self._sums += np.stack([s_mu, s_y, 2 * (log_ratio - s_y + s_mu), zeros])
-        self._n += mu.shape[1]
+        self._n += int(pair.target.offsets[-1])
 
     def compute(self):
         """Dict of ``[G]`` arrays: ratio, deviance, sparsity, mean_pred, mean_target."""
@@ -319,34 +317,24 @@ def _pooled(levels, k):
     return levels[k]
 
 
-@dataclass
-class _Side:
-    """One side (predictions or counts) of a batch at one pooling: its :class:`TileSide` and what
-    the pooled Spearman keeps of it (None without Spearman)."""
-
-    tiles: TileSide
-    stored: np.ndarray | None
-
-
-def _side(levels, k, spearman, bits=None):
-    """The :class:`_Side` at pooling ``k`` of the batch in ``levels`` (:func:`_pooled`); ``bits``: of
-    float16 predictions (:func:`_float16_bits`)."""
-    values, offsets = K.gather(*_pooled(levels, k))
-    tiles = tile_side(values, offsets, ranks=spearman)
-    return _Side(tiles, _stored(values, levels[1][1], bits if k == 1 else None) if spearman else None)
-
-
-def _shared_side(shared, target, mask, k, spearman):
-    """The target's :class:`_Side`, computed once per batch and kept in ``shared``."""
+def _target_side(shared, target, mask, k, spearman):
+    """The counts' :class:`TileSide` at pooling ``k``, computed once per batch and kept in ``shared``."""
     key = ("target", k, spearman)
     if key not in shared:
         levels = shared.setdefault("target_levels", {1: (target, mask)})
-        shared[key] = _side(levels, k, spearman)
+        shared[key] = tile_side(*_pooled(levels, k), ranks=spearman)
     return shared[key]
 
 
-def tile_sums(a, b):
-    """Per (tile, gene) pooled-Pearson sums and tissue ranges of two :class:`TileSide` s.
+def _target_stored(shared, k, side):
+    """The counts' tissue values at pooling ``k`` as float32, for the pooled Spearman (once per batch)."""
+    if ("stored", k) not in shared:
+        shared["stored", k] = side.values.astype(np.float32)
+    return shared["stored", k]
+
+
+def tile_sums(pair):
+    """Per (tile, gene) pooled-Pearson sums and tissue ranges of a :class:`.correlation.Pair` scored with ``raw``.
 
     Summing the sums over any multiset of tiles (and taking the min and max of the ranges) gives
     that multiset's pooled Pearson by :func:`pearson_from_sums`, so a bootstrap over tiles needs
@@ -357,9 +345,9 @@ def tile_sums(a, b):
     ``[T, G, 10]`` float64 numpy array: n and the sums of x, y, xx, yy, xy, then min x, max x,
     min y, max y (NaN range: no tissue).
     """
-    n = np.broadcast_to(a.counts[:, None].astype(np.float64), a.moments.shape[:2])
-    ranges = [side.moments[..., i] for side in (a, b) for i in (1, 2)]
-    return np.concatenate([n[..., None], K.raw_sums(a.values, b.values, a.offsets), np.stack(ranges, -1)], -1)
+    n = np.broadcast_to(pair.target.counts[:, None].astype(np.float64), pair.moments.shape[:2])
+    ranges = [m[..., i] for m in (pair.moments, pair.target.moments) for i in (1, 2)]
+    return np.concatenate([n[..., None], pair.raw, np.stack(ranges, -1)], -1)
 
 
 class GeneMetrics:
@@ -440,21 +428,24 @@ class GeneMetrics:
         shared = {} if shared is None else shared
         levels = {1: (pred, mask)}
         spearman = bool(self._scc)
-        for k in sorted(set(self.scales) | {1}):  # the native side scores the counts too
-            a, b = _side(levels, k, spearman, bits), _shared_side(shared, target, mask, k, spearman)
+        for k in sorted(set(self.scales) | {1}):  # the native bins score the counts too
+            side = _target_side(shared, target, mask, k, spearman and k in self._scc)
+            keep = k in self._scc and (k > 1 or bits is None)  # float16 values are kept from their bits
+            pair = score(*_pooled(levels, k), side, ranks=k in self._scc, raw=self._sums is not None,
+                         counts=k == 1, stored=keep, eps=DEVIANCE_EPS)  # fmt: skip
             if k == 1:
-                self._counts.add(a.tiles.values, b.tiles.values)
+                self._counts.add_pair(pair)
             if k not in self._pcc:
                 continue
-            sums = tile_pair(a.tiles, b.tiles)
             _, pooled, pertile = self._pcc[k]
-            pooled.add_sides(a.tiles, b.tiles, sums)
-            pertile.add(tile_pearson(a.tiles, b.tiles, sums))
+            pooled.add_pair(pair)
+            pertile.add(tile_pearson(pair))
             if k in self._scc:
-                self._scc[k][1].add(a.stored, b.stored)
-                self._scc[k][2].add(tile_spearman(a.tiles, b.tiles, sums))
+                x = pair.stored if keep else _stored(mask, bits)
+                self._scc[k][1].add(x, _target_stored(shared, k, side))
+                self._scc[k][2].add(tile_spearman(pair))
             if self._sums is not None:
-                self._sums[k].append(tile_sums(a.tiles, b.tiles))
+                self._sums[k].append(tile_sums(pair))
         if self._ssim:
             self._ssim[1].update(pred, target, mask)
 
