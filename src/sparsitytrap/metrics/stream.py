@@ -306,14 +306,13 @@ def check_batch(pred, target, mask, n_genes, max_pool=1, source="batch"):
 
 
 def _pooled(levels, k):
-    """Tile values and mask at pooling ``k``, kept in ``levels`` ({k: (values, mask)}, 1: the batch).
+    """Tile values and mask at pooling ``k`` (a power of two), kept in ``levels`` ({k: (values, mask)}, 1: the batch).
 
-    Pooled from the coarsest kept level dividing ``k`` (8 from 4 from 2): a quarter of the work per
-    step, and the same numbers (window sums of float16 rates and counts are exact in float64).
+    Each level halves the one below (:func:`.kernels.halve`): a quarter of the work per step, and
+    the same numbers as pooling at once (window sums of float16 rates and counts are exact in float64).
     """
     if k not in levels:
-        k0 = max(j for j in levels if k % j == 0)
-        levels[k] = K.pool(*levels[k0], k // k0)
+        levels[k] = K.halve(*_pooled(levels, k // 2))
     return levels[k]
 
 
@@ -395,6 +394,8 @@ class GeneMetrics:
     ):
         self.n_genes = n_genes
         self.scales = tuple(int(k) for k in scales)
+        if any(k < 1 or k & (k - 1) for k in self.scales):
+            raise InputError("scales", f"pooling factors must be powers of two, got {list(self.scales)}")
         self.source = source
         self._pcc = {}
         for k in self.scales:
