@@ -11,6 +11,8 @@ $(BIN)/sparsitytrap: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch and torchvision are pinned as a pair in pyproject.toml (see README, Installation)
 	$(BIN)/pip install -e '.[dev]'
+	# the metric kernels compiled into numba's cache once (about 15 s), not by the first jobs
+	$(BIN)/python -m sparsitytrap.metrics
 	touch $@
 
 install: $(BIN)/sparsitytrap

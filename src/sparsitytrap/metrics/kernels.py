@@ -297,7 +297,7 @@ def _work(n):
     """Scratch of :func:`_rank_into` for up to ``n`` values."""
     buckets = 2 * n + (1 << DIGIT_BITS)  # the most a counting pass uses
     return (np.empty(n), np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty(n, np.int64),
-            np.empty(n, np.int64), np.zeros(buckets + 1, np.int64), np.empty(buckets))  # fmt: skip
+            np.empty(n, np.int64), np.zeros(buckets + 1, np.int32), np.empty(buckets))  # fmt: skip
 
 
 @numba.njit(**_JIT)

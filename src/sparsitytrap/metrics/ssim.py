@@ -23,8 +23,9 @@ _FREEDOMS = {"reassoc", "contract", "arcp", "nsz"}
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FREEDOMS)
-def _ssim_mean(a, b, win, c1, c2, v, c, row):
-    """Mean SSIM map of one pair ``a, b [H, W]`` (float64), skimage's uniform window, cropped borders.
+def _ssim_mean(a, b, lo, scale, win, c1, c2, v, c, row):
+    """Mean SSIM map of one pair ``(a - lo) * scale, (b - lo) * scale`` (``a, b [H, W]`` float64),
+    skimage's uniform window, cropped borders.
 
     Scratch: ``v [5, H - win + 1, W]``, ``c [5, W + 1]`` (``c[:, 0]`` is 0), ``row [W]``. The five
     moments' window sums go down the rows by a sliding window and along them by differences of a
@@ -35,7 +36,7 @@ def _ssim_mean(a, b, win, c1, c2, v, c, row):
     v[:, 0, :] = 0.0
     for d in range(win):
         for j in range(w):
-            x, y = a[d, j], b[d, j]
+            x, y = (a[d, j] - lo) * scale, (b[d, j] - lo) * scale
             v[0, 0, j] += x
             v[1, 0, j] += y
             v[2, 0, j] += x * x
@@ -43,7 +44,8 @@ def _ssim_mean(a, b, win, c1, c2, v, c, row):
             v[4, 0, j] += x * y
     for i in range(1, n):
         for j in range(w):
-            x, y, p, q = a[i + win - 1, j], b[i + win - 1, j], a[i - 1, j], b[i - 1, j]
+            x, y = (a[i + win - 1, j] - lo) * scale, (b[i + win - 1, j] - lo) * scale
+            p, q = (a[i - 1, j] - lo) * scale, (b[i - 1, j] - lo) * scale
             v[0, i, j] = v[0, i - 1, j] + (x - p)
             v[1, i, j] = v[1, i - 1, j] + (y - q)
             v[2, i, j] = v[2, i - 1, j] + (x * x - p * p)
@@ -84,7 +86,7 @@ def _ssim_images(a, b, win, c1, c2):
     v, c, row = _scratch(h, w, win)
     out = np.empty(n_img)
     for k in range(n_img):
-        out[k] = _ssim_mean(a[k], b[k], win, c1, c2, v, c, row)
+        out[k] = _ssim_mean(a[k], b[k], 0.0, 1.0, win, c1, c2, v, c, row)
     return out
 
 
@@ -104,13 +106,8 @@ def _ssim_tiles(pred, target, mask, tiles, win, c1, c2, min_range, out):
                     a[i, j], b[i, j] = x, y
                     lo, hi = min(lo, x, y), max(hi, x, y)
             span = hi - lo
-            if span < min_range:
-                continue
-            for i in range(h):
-                for j in range(w):
-                    a[i, j] = (a[i, j] - lo) / span
-                    b[i, j] = (b[i, j] - lo) / span
-            out[t, k] = _ssim_mean(a, b, win, c1, c2, v, c, row)
+            if span >= min_range:  # min-max scaled with the pair's shared range, on the fly
+                out[t, k] = _ssim_mean(a, b, lo, 1.0 / span, win, c1, c2, v, c, row)
 
 
 def _constants(data_range=1.0):
