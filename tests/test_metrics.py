@@ -327,3 +327,28 @@ def test_long_rows_ranks_match_rankdata():
         np.testing.assert_array_equal(M.average_ranks(a).numpy(), ss.rankdata(a, axis=-1), err_msg=str(a.dtype))
     pooled = rng.poisson(0.05, 200_000).astype(np.float64)  # a pooled gene's counts: counted
     np.testing.assert_array_equal(rank_1d(pooled), ss.rankdata(pooled))
+
+
+def test_values_off_tissue_change_no_number():
+    """Only tissue bins are scored: NaN or infinite predictions and any counts off tissue are ignored."""
+    rate, counts, mask = batch(15, t=4, g=3, h=16, w=16)
+    mask[2] = False  # a tile without tissue: its per-tile scores are undefined, the rest unchanged
+    clean = M.evaluate_stream([(rate, counts, mask)], 3)
+    off = ~mask[:, None].expand_as(rate)
+    dirty_rate = rate.masked_fill(off, float("nan"))
+    dirty_rate[0, 0, ~mask[0]] = float("inf")
+    dirty_counts = counts.masked_fill(off, 7)
+    dirty = M.evaluate_stream([(dirty_rate, dirty_counts, mask)], 3)
+    assert dirty.equals(clean)
+    assert np.isnan(M.pearson_per_tile(rate, counts, mask).numpy()[2]).all()
+
+
+def test_pooling_factors_must_be_powers_of_two():
+    with pytest.raises(InputError, match="scales: pooling factors must be powers of two"):
+        M.GeneMetrics(3, scales=(1, 3))
+
+
+def test_kernels_compile_for_the_workflow_dtypes():
+    from sparsitytrap.metrics.__main__ import compile_kernels
+
+    assert compile_kernels() > 0

@@ -101,8 +101,9 @@ def _ssim_tiles(pred, target, mask, tiles, win, c1, c2, min_range, out):
             lo, hi = np.inf, -np.inf
             for i in range(h):
                 for j in range(w):
-                    x = np.float64(pred[t, k, i, j]) * mask[t, i, j]
-                    y = np.float64(target[t, k, i, j]) * mask[t, i, j]
+                    on = mask[t, i, j]  # off tissue 0, whatever is there (a NaN times 0 would be NaN)
+                    x = np.float64(pred[t, k, i, j]) if on else 0.0
+                    y = np.float64(target[t, k, i, j]) if on else 0.0
                     a[i, j], b[i, j] = x, y
                     lo, hi = min(lo, x, y), max(hi, x, y)
             span = hi - lo
@@ -151,7 +152,7 @@ def ssim_per_tile(pred, target, mask, ssim_min_tissue=SSIM_MIN_TISSUE):
     """
     t, g = pred.shape[:2]
     out = np.full((t, g), np.nan)
-    m = kernel_array(mask).astype(np.float64)
+    m = kernel_array(mask).astype(bool)
     tiles = np.flatnonzero(m.mean(axis=(1, 2)) > ssim_min_tissue)
     if len(tiles):
         _ssim_tiles(kernel_array(pred), kernel_array(target), m, tiles, SSIM_WIN, *_constants(), SSIM_MIN_RANGE, out)
