@@ -15,7 +15,7 @@ Definitions (those of the seed benchmark, with the faults of its code fixed):
 - SCC: Spearman, i.e. Pearson of average ranks (ties share the mean rank; zero counts are
   heavily tied), pooled and per tile.
 - SSIM at 2 um per (tile, gene), the seeds' definition: tiles with tissue fraction > 0.05;
-  prediction and target multiplied by the mask; both min-max scaled with one shared min/max;
+  prediction and target set to 0 off tissue; both min-max scaled with one shared min/max;
   pairs whose range is < 1e-6 skipped; 7 x 7 uniform window, data range 1, K1 0.01, K2 0.03,
   sample covariance, mean over the valid region: identical to
   ``skimage.metrics.structural_similarity(a, b, win_size=7, data_range=1.0)``.
@@ -27,8 +27,9 @@ Definitions (those of the seed benchmark, with the faults of its code fixed):
 Controls: :func:`shuffle_pairs` (label-shuffle null) and :func:`split_half_thinning`
 (noise ceiling on real counts, corrected by :func:`correct_split_half`).
 
-Modules: :mod:`.correlation` (Pearson, Spearman, ranks), :mod:`.ssim`, :mod:`.stream` (the
-accumulators and :class:`GeneMetrics`), :mod:`.controls`; :data:`METRICS` is the registry.
+Modules: :mod:`.kernels` (the compiled passes: pooling, tissue values, moments, ranks),
+:mod:`.correlation` (Pearson, Spearman, ranks), :mod:`.ssim`, :mod:`.stream` (the accumulators
+and :class:`GeneMetrics`), :mod:`.controls`; :data:`METRICS` is the registry.
 """
 
 from dataclasses import dataclass
@@ -41,8 +42,8 @@ _HOME = {
     "correlation": ["average_ranks", "pearson_per_tile", "spearman_per_tile"],
     "sums": ["pearson_from_sums"],
     "ssim": ["SSIM_K1", "SSIM_K2", "SSIM_MIN_RANGE", "SSIM_MIN_TISSUE", "SSIM_WIN", "ssim_images", "ssim_per_tile"],
+    "kernels": ["DEVIANCE_EPS"],
     "stream": [
-        "DEVIANCE_EPS",
         "CountAccumulator",
         "GeneMetrics",
         "PearsonAccumulator",

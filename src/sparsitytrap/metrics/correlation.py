@@ -79,7 +79,7 @@ class Pair:
         return (self.target.counts < 2)[:, None] | ~(lo < hi) | ~(lo_y < hi_y)
 
 
-def score(x, mask, target, ranks=False, raw=False, counts=False, stored=False, eps=1e-8):
+def score(x, mask, target, ranks=False, raw=False, counts=False, stored=False, eps=K.DEVIANCE_EPS):
     """The :class:`Pair` of predictions ``x [T, G, h, w]`` at ``mask`` against the counts' ``target`` side."""
     out = K.pair(x, mask, target.values, target.moments[..., 0], target.ranks, target.offsets, ranks, raw, counts,
                  stored, eps)  # fmt: skip

@@ -1,14 +1,17 @@
 """Compiled passes of the evaluation (numba): pooling, tissue values, per-tile moments and ranks.
 
 Every metric of a batch is read off a few per-(tile, gene) statistics of each side (predictions
-or counts) at each pooling, which these kernels compute in one or two passes over the tissue
-bins, where the vectorised numpy version made dozens of passes over float64 copies.
+or counts) at each bin size. :func:`pair` computes a prediction's in one pass per (tile, gene)
+while its values are in cache, against the counts' side (:func:`gather`, :func:`moments`,
+:func:`tile_ranks`), which a model and its null share; the numpy version it replaced made
+dozens of passes over float64 copies of every batch.
 
-Sums are compensated (Neumaier), so they are as exact as float64 allows whatever the order of
-the bins: the numbers agree with the former numpy and torch reductions to about 1e-15. Ranks are
-exact half-integers, found by a radix sort of each value's order-preserving 64-bit pattern over
-the bits that vary (one counting pass when few do: counts, or a gene's float16 rates).
-Compiled on first use and cached beside this file.
+Sums of well-conditioned terms (deviations from a tile's mean, tissue values) are taken in vector
+lanes: reordered, they agree with the former numpy and torch reductions to about 1e-15 (the order
+is fixed by the machine). Ranks are exact half-integers: a counting pass over each value's
+order-preserving bit pattern when few bits vary (counts, one gene's float16 rates), else an LSD
+radix sort over the bits that do. Compiled on first use (``python -m sparsitytrap.metrics``
+does it at install) and cached beside this file.
 """
 
 import numba
@@ -19,17 +22,8 @@ _JIT = {"cache": True, "nogil": True}
 _FAST = {**_JIT, "fastmath": {"reassoc"}}
 #: Radix digits of at most this many bits (2048 buckets: the histogram stays in L1).
 DIGIT_BITS = 11
-
-
-@numba.njit(inline="always")
-def _add(s, c, v):
-    """Neumaier's compensated sum: ``(s, c)`` plus ``v``; the total is ``s + c``."""
-    t = s + v
-    if abs(s) >= abs(v):
-        c += (s - t) + v
-    else:
-        c += (v - t) + s
-    return t, c
+#: Rates are clamped at this in the Poisson deviance.
+DEVIANCE_EPS = 1e-8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,9 +100,9 @@ def moments(values, offsets):
     return out
 
 
-@numba.njit(**_JIT, fastmath={"reassoc", "nnan"})
+@numba.njit(**_FAST)
 def _sum_min_max(v):
-    """Sum (in vector lanes), min and max of finite values (NaN never reaches here: batches are checked)."""
+    """Sum (in vector lanes), min and max of ``v``."""
     s, lo, hi = 0.0, np.inf, -np.inf
     for x in v:
         s += x
@@ -133,29 +127,6 @@ def _centred_sums(a, ma, b, mb, ra, rb, out):
             sbb += rb[i] * rb[i]
             sab += ra[i] * rb[i]
         out[3], out[4], out[5] = saa, sbb, sab
-
-
-@numba.njit(**_JIT)
-def centred(xa, ma, xb, mb, ra, rb, offsets):
-    """Per (tile, gene) centred sums of two sides: ``[T, G, 6]``, see :func:`_centred_sums`.
-
-    ``xa, xb [G, N]``: tissue values; ``ma, mb [T, G]``: their tile means; ``ra, rb``: centred
-    ranks ``[G, N]`` (:func:`tile_ranks`), or ``[G, 0]`` without Spearman (those sums are then 0).
-    Sums of squared deviations are well conditioned: summed in vector lanes (float64 rounding,
-    about 1e-16 relative; the order is fixed by the machine).
-    """
-    n_g = xa.shape[0]
-    n_t = len(offsets) - 1
-    out = np.zeros((n_t, n_g, 6))
-    ranked = ra.shape[1] > 0
-    for g in range(n_g):
-        for t in range(n_t):
-            a, b = offsets[t], offsets[t + 1]
-            if b == a:
-                continue
-            hi = b if ranked else a
-            _centred_sums(xa[g, a:b], ma[t, g], xb[g, a:b], mb[t, g], ra[g, a:hi], rb[g, a:hi], out[t, g])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,8 +399,8 @@ def pair(x, mask, ty, ty_mean, ty_ranks, offsets, ranked, raw, counts, stored, e
     against the counts' side there (``ty [G, N]`` tissue values, ``ty_mean [T, G]``, ``ty_ranks``
     ``[G, N]`` centred ranks or ``[G, 0]``; ``offsets [T + 1]``), one (tile, gene) at a time in cache.
 
-    Returns ``moments [T, G, 3]`` (:func:`moments`), ``sums [T, G, 6]`` (:func:`centred`; rank sums
-    with ``ranked``), ``raw [T, G, 5]`` (with ``raw``: :func:`_raw_sums`), ``count [4, G]`` (with
+    Returns ``moments [T, G, 3]`` (:func:`moments`), ``sums [T, G, 6]`` (:func:`_centred_sums`; rank
+    sums with ``ranked``), ``raw [T, G, 5]`` (with ``raw``: :func:`_raw_sums`), ``count [4, G]`` (with
     ``counts``: sums of rates, counts, ``y log(y / mu)`` and zero counts, mu clamped at ``eps``) and
     the float32 tissue values ``[G, N]`` (with ``stored``; else ``[G, 0]``).
     """

@@ -22,8 +22,6 @@ from .correlation import (
 )
 from .ssim import SSIM_MIN_TISSUE, ssim_per_tile
 
-DEVIANCE_EPS = 1e-8
-
 
 def _merge(n, mx, my, mxx, myy, mxy):
     """Merge groups (rows ``[R, G]``: bins, means, centred sums of squares and cross products) into one.
@@ -247,11 +245,11 @@ class CountAccumulator:
 
     def update(self, pred, target, mask):
         """Add one batch."""
-        self.add_pair(_batch_pair(pred, target, mask, counts=True, eps=DEVIANCE_EPS))
+        self.add_pair(_batch_pair(pred, target, mask, counts=True))
 
     def add(self, mu, y):
         """Add tissue values ``mu, y [G, n]`` of one batch."""
-        self.add_pair(_batch_pair(*_as_tile(mu, y), counts=True, eps=DEVIANCE_EPS))
+        self.add_pair(_batch_pair(*_as_tile(mu, y), counts=True))
 
     def add_pair(self, pair):
         """Add a :class:`.correlation.Pair` scored with ``counts`` at the native bins."""
@@ -433,7 +431,7 @@ class GeneMetrics:
             side = _target_side(shared, target, mask, k, spearman and k in self._scc)
             keep = k in self._scc and (k > 1 or bits is None)  # float16 values are kept from their bits
             pair = score(*_pooled(levels, k), side, ranks=k in self._scc, raw=self._sums is not None,
-                         counts=k == 1, stored=keep, eps=DEVIANCE_EPS)  # fmt: skip
+                         counts=k == 1, stored=keep)  # fmt: skip
             if k == 1:
                 self._counts.add_pair(pair)
             if k not in self._pcc:
