@@ -1,4 +1,4 @@
-"""Per-gene evaluation metrics, vectorised over batches of tiles and genes and streamed.
+"""Per-gene evaluation metrics over batches of tiles and genes, streamed, by compiled passes.
 
 Evaluation never holds all predictions of a patient: it feeds batches
 ``pred [T, G, H, W]`` (predicted rates, float), ``target [T, G, H, W]`` (counts) and
