@@ -196,3 +196,21 @@ def test_a_folds_genes_are_scored_against_their_own_counts(cohort, tmp_path):
     pd.testing.assert_frame_equal(part, expected)
     with pytest.raises(InputError, match="1 predicted genes are not in the tile store, e.g. 'NOPE'"):
         evaluate(write_pred(tmp_path / "x.zarr", cohort["rates"][:, :1], ["NOPE"]), cohort["tiles"], tmp_path / "x")
+
+
+def test_an_evaluation_job_imports_no_torch(simulated, tmp_path):
+    """The metrics compute in numpy: an evaluate or ceiling job never pays torch's import (about 1 s)."""
+    import subprocess
+    import sys
+
+    pred = write_pred(tmp_path / "pred.zarr", simulated["expected"])
+    tiles, truth = str(simulated["tiles"]), str(simulated["truth"])
+    code = (
+        "import sys; from sparsitytrap.evaluate import evaluate, evaluate_ceiling; "
+        f"evaluate_ceiling({tiles!r}, {str(tmp_path / 'c.csv')!r}, truth_zarr={truth!r}); "
+        f"evaluate_ceiling({tiles!r}, {str(tmp_path / 'h.csv')!r}, n_draws=2); "
+        f"evaluate({str(pred)!r}, {tiles!r}, {str(tmp_path / 'eval')!r}, bootstrap=10); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import metrics as M
 from .bootstrap import interval, replicates
@@ -78,10 +77,10 @@ def _ceiling_batch(counts, origins, t0, truth_zarr, genes, seed, draw=0):
     if truth_zarr is not None:
         tile_bins = counts.shape[-1]
         truth = np.stack([_truth_window(truth_zarr, genes, o, tile_bins) for o in origins])
-        return torch.from_numpy(truth), counts
+        return truth, counts
     # one draw per (draw, tile), seeded by both indices: results do not depend on the batch size
     halves = [M.split_half_thinning(counts[i], seed=(seed, 1, draw, t0 + i)) for i in range(len(counts))]
-    return torch.stack([h[0] for h in halves]), torch.stack([h[1] for h in halves])
+    return np.stack([h[0] for h in halves]), np.stack([h[1] for h in halves])
 
 
 def _table(gm, genes):
@@ -197,8 +196,7 @@ def _ceiling_pass(tiles, truth_zarr, batch_tiles, seed, draw, ssim_min_tissue, s
     gm = M.GeneMetrics(len(genes), scales=SCALES, bin_um=2.0, ssim=not split, ssim_min_tissue=ssim_min_tissue,
                        source=source)  # fmt: skip
     for t0, t1 in _batches(counts.shape[0], int(batch_tiles)):
-        y = torch.from_numpy(np.asarray(counts[t0:t1]))
-        m = torch.from_numpy(np.asarray(mask[t0:t1])).bool()
+        y, m = np.asarray(counts[t0:t1]), np.asarray(mask[t0:t1]).astype(bool)
         gm.update(*_ceiling_batch(y, origins[t0:t1], t0, truth_zarr, genes, seed, draw), m)
     return _table(gm, genes)
 
@@ -295,12 +293,12 @@ def _stream(pred, tiles, perm, batch_tiles, ssim_min_tissue, source, gene_index=
     gm_null = _metrics(n_genes, ssim_min_tissue, source, counts_of=gm_model)
     for t0, t1 in _batches(n_tiles, batch_tiles):
         y = np.asarray(counts[t0:t1])
-        y = torch.from_numpy(y if gene_index is None else y[:, gene_index])
-        m = torch.from_numpy(np.asarray(mask[t0:t1])).bool()
-        p = torch.from_numpy(np.asarray(pred[t0:t1]))
+        y = y if gene_index is None else y[:, gene_index]
+        m = np.asarray(mask[t0:t1]).astype(bool)
+        p = np.asarray(pred[t0:t1])
         shared = {}  # the count side of this batch, computed once for the model and the null
         gm_model.update(p, y, m, shared)
-        partner = torch.from_numpy(np.stack([np.asarray(pred[int(i)]) for i in perm[t0:t1]]))
+        partner = np.stack([np.asarray(pred[int(i)]) for i in perm[t0:t1]])
         gm_null.update(partner, y, m, shared)
         log.info("evaluated tiles %d-%d of %d", t0, t1, n_tiles)
     return gm_model, gm_null, gm_model.tile_sums()

@@ -1,10 +1,7 @@
-import torch
-
 from sparsitytrap.evaluate import evaluate_ceiling
 from sparsitytrap.smk import job
 
 with job(snakemake):
-    torch.set_num_threads(snakemake.threads)
     p = snakemake.params
     evaluate_ceiling(
         snakemake.input.tiles,

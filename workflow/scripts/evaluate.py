@@ -1,12 +1,9 @@
 from pathlib import Path
 
-import torch
-
 from sparsitytrap.evaluate import evaluate
 from sparsitytrap.smk import job
 
 with job(snakemake):
-    torch.set_num_threads(snakemake.threads)
     p = snakemake.params
     evaluate(
         snakemake.input.pred,

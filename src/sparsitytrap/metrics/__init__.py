@@ -37,7 +37,6 @@ from dataclasses import dataclass
 #: Where each public name lives. They are imported on first use (PEP 562), so that the registry
 #: below (needed when a run is planned, and by stats and figures) costs no torch import.
 _HOME = {
-    "_tensors": ["F64"],
     "controls": ["correct_split_half", "noise_ceiling", "shuffle_pairs", "spearman_brown", "split_half_thinning"],
     "correlation": ["average_ranks", "pearson_per_tile", "spearman_per_tile"],
     "sums": ["pearson_from_sums"],
@@ -94,7 +93,6 @@ METRICS = {
 
 __all__ = [
     "DEVIANCE_EPS",
-    "F64",
     "METRICS",
     "SSIM_K1",
     "SSIM_K2",

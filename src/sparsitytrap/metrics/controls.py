@@ -3,9 +3,9 @@
 import warnings
 
 import numpy as np
-import torch
 
 from ..errors import InputError
+from ._tensors import is_tensor, like
 
 
 def shuffle_pairs(n_tiles, seed):
@@ -55,7 +55,7 @@ def split_half_thinning(counts, seed):
     y1, y2
         Same type, shape and dtype as ``counts``.
     """
-    is_torch = isinstance(counts, torch.Tensor)
+    is_torch = is_tensor(counts)
     y = counts.cpu().numpy() if is_torch else np.asarray(counts)
     if y.size and (y < 0).any():
         raise InputError("counts", "binomial thinning needs non-negative counts")
@@ -65,7 +65,7 @@ def split_half_thinning(counts, seed):
     y1 = rng.binomial(y.astype(np.int64), 0.5).astype(y.dtype)
     y2 = y - y1
     if is_torch:
-        return torch.from_numpy(y1).to(counts.device), torch.from_numpy(y2).to(counts.device)
+        return like(counts, y1), like(counts, y2)
     return y1, y2
 
 

@@ -3,10 +3,9 @@
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from . import kernels as K
-from ._tensors import kernel_array
+from ._tensors import kernel_array, like
 from .sums import pearson_from_sums  # noqa: F401 - part of this module's API
 
 
@@ -15,15 +14,15 @@ def average_ranks(x, valid=None):
 
     Vectorised over all leading axes (:func:`.kernels.rank_rows`: a radix sort, or counting when
     few bit patterns vary, e.g. counts and float16). ``valid`` (bool, same shape): rank among the
-    valid entries only (invalid entries get rank 0). float64 ranks, a tensor on ``x``'s device.
+    valid entries only (invalid entries get rank 0). float64 ranks (a tensor on ``x``'s device for a tensor).
     """
     a = kernel_array(x)
     if a.size == 0:
-        return torch.zeros(a.shape, dtype=torch.float64)
+        return like(x, np.zeros(a.shape))
     rows = a.reshape(-1, a.shape[-1] if a.ndim else 1)
     v = np.ones(rows.shape, dtype=bool) if valid is None else kernel_array(valid).astype(bool).reshape(rows.shape)
     r = K.rank_rows(rows, v).reshape(a.shape)
-    return torch.from_numpy(r).to(x.device if isinstance(x, torch.Tensor) else "cpu")
+    return like(x, r)
 
 
 @dataclass
@@ -124,9 +123,10 @@ def pearson_per_tile(pred, target, mask):
 
     Returns
     -------
-    ``[T, G]`` float64 tensor; NaN where a tile has < 2 tissue bins or either side is constant.
+    ``[T, G]`` float64 (a tensor for tensor predictions); NaN where a tile has < 2 tissue bins or
+    either side is constant.
     """
-    return torch.from_numpy(tile_pearson(_batch_pair(pred, target, mask)))
+    return like(pred, tile_pearson(_batch_pair(pred, target, mask)))
 
 
 def spearman_per_tile(pred, target, mask):
@@ -134,4 +134,4 @@ def spearman_per_tile(pred, target, mask):
 
     NaN where a tile has < 2 tissue bins or either side is constant there.
     """
-    return torch.from_numpy(tile_spearman(_batch_pair(pred, target, mask, ranks=True)))
+    return like(pred, tile_spearman(_batch_pair(pred, target, mask, ranks=True)))

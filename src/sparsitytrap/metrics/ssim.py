@@ -2,14 +2,13 @@
 
 numba kernels (compiled on first use, cached next to this file): a pair's masking, range scaling,
 five window moments and SSIM map are computed row by row in cache, where the vectorised torch
-version made a dozen passes over float64 copies of every pair.
+version it replaced made a dozen passes over float64 copies of every pair.
 """
 
 import numba
 import numpy as np
-import torch
 
-from ._tensors import F64, kernel_array
+from ._tensors import kernel_array, like
 
 SSIM_WIN = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -130,8 +129,8 @@ def ssim_images(a, b, win=SSIM_WIN, data_range=1.0):
     -------
     ``[N]`` float64 tensor.
     """
-    x, y = (np.ascontiguousarray(t.detach().cpu().to(F64).numpy()) for t in (a, b))
-    return torch.from_numpy(_ssim_images(x, y, win, *_constants(data_range))).to(a.device)
+    x, y = (kernel_array(t).astype(np.float64) for t in (a, b))
+    return like(a, _ssim_images(x, y, win, *_constants(data_range)))
 
 
 def ssim_per_tile(pred, target, mask, ssim_min_tissue=SSIM_MIN_TISSUE):
@@ -156,4 +155,4 @@ def ssim_per_tile(pred, target, mask, ssim_min_tissue=SSIM_MIN_TISSUE):
     tiles = np.flatnonzero(m.mean(axis=(1, 2)) > ssim_min_tissue)
     if len(tiles):
         _ssim_tiles(kernel_array(pred), kernel_array(target), m, tiles, SSIM_WIN, *_constants(), SSIM_MIN_RANGE, out)
-    return torch.from_numpy(out).to(pred.device if isinstance(pred, torch.Tensor) else "cpu")
+    return like(pred, out)

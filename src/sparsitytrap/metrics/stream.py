@@ -1,15 +1,15 @@
 """Streamed accumulators: every per-gene metric of one evaluation, fed batch by batch."""
 
 import functools
+import sys
 import warnings
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..errors import InputError
 from . import kernels as K
-from ._tensors import kernel_array
+from ._tensors import is_tensor, kernel_array
 from .correlation import (
     _batch_pair,
     pearson_from_sums,
@@ -128,7 +128,7 @@ class TileMetricAccumulator:
 
     def add(self, values):
         """Keep the ``[T, G]`` values (tensor or numpy) of one batch, scored elsewhere."""
-        self._values.append(values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values))
+        self._values.append(kernel_array(values))
 
     @property
     def values(self):
@@ -159,10 +159,11 @@ def _as_tile(x, y):
 
 def _float16_bits(x):
     """The bit patterns (uint16 numpy) of float16 ``x`` (tensor or array), else None."""
-    if x.dtype not in (torch.float16, np.float16):
-        return None
-    x = x.detach().cpu().view(torch.int16).numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    return np.ascontiguousarray(x).view(np.uint16)
+    if is_tensor(x):
+        torch = sys.modules["torch"]
+        return x.detach().cpu().view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.float16 else None
+    x = np.asarray(x)
+    return np.ascontiguousarray(x).view(np.uint16) if x.dtype == np.float16 else None
 
 
 def _stored(mask, bits):
