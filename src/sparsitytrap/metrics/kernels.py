@@ -153,7 +153,7 @@ def _low_bit(diff):
 def _rank_into(v, out, work):
     """Average ranks (1-based, ties share their mean rank) of the 1-D values ``v`` into ``out``.
 
-    ``work``: scratch of :func:`_work` for at least ``len(v)`` values. Exact: ranks are
+    ``work``: :func:`scratch` for at least ``len(v)`` values. Exact: ranks are
     half-integers. A value's rank is the number of smaller values plus ``(ties + 1) / 2``.
 
     The order keys of the nonzero values, less the smallest and shifted past the low bits none of
@@ -258,14 +258,8 @@ def _radix_ranks(key, n, out, work):
 
 
 @numba.njit(**_JIT)
-def work(n):
-    """Scratch of the rank kernels for up to ``n`` values (reused: fresh pages cost as much as ranking)."""
-    return _work(n)
-
-
-@numba.njit(**_JIT)
-def _work(n):
-    """Scratch of :func:`_rank_into` for up to ``n`` values."""
+def scratch(n):
+    """Scratch of :func:`_rank_into` for up to ``n`` values (reuse it: fresh pages cost as much as ranking)."""
     buckets = 2 * n + (1 << DIGIT_BITS)  # the most a counting pass uses
     return (np.empty(n), np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty(n, np.int64),
             np.empty(n, np.int64), np.zeros(buckets + 1, np.int32), np.empty(buckets))  # fmt: skip
@@ -279,7 +273,7 @@ def rank_rows(x, valid):
     """
     n_r, n = x.shape
     out = np.zeros((n_r, n))
-    work = _work(n)
+    work = scratch(n)
     v, r = np.empty(n), np.empty(n)
     for row in range(n_r):
         k = 0
@@ -300,14 +294,14 @@ def rank_rows(x, valid):
 def rank_1d(x):
     """Average ranks of the 1-D values ``x`` (float32 or float64), float64."""
     out = np.empty(len(x))
-    _rank_into(x, out, _work(len(x)))
+    _rank_into(x, out, scratch(len(x)))
     return out
 
 
 @numba.njit(**_JIT)
 def centred_ranks_1d(x, out, work):
     """Centred average ranks ``rank - (n + 1) / 2`` of the 1-D values ``x`` into ``out``; returns their
-    sum of squares (exact: quarter-integers; 0 when ``x`` is constant). ``work``: :func:`_work`."""
+    sum of squares (exact: quarter-integers; 0 when ``x`` is constant). ``work``: :func:`scratch`."""
     n = len(x)
     _rank_into(x, out, work)
     centre = (n + 1) / 2
@@ -327,7 +321,7 @@ def tile_ranks(values, offsets):
     longest = 0
     for t in range(n_t):
         longest = max(longest, offsets[t + 1] - offsets[t])
-    work = _work(longest)
+    work = scratch(longest)
     r = np.empty(longest)
     for g in range(n_g):
         row, ranks = values[g], out[g]
@@ -414,7 +408,7 @@ def pair(x, mask, ty, ty_mean, ty_ranks, offsets, ranked, raw, counts, stored, e
     for t in range(n_t):
         longest = max(longest, offsets[t + 1] - offsets[t])
     seg, rk = np.empty(longest), np.empty(longest)
-    work = _work(longest if ranked else 0)
+    work = scratch(longest if ranked else 0)
     for t in range(n_t):
         idx = np.flatnonzero(mask[t])
         n, o = len(idx), offsets[t]

@@ -166,10 +166,11 @@ def _float16_bits(x):
     return np.ascontiguousarray(x).view(np.uint16) if x.dtype == np.float16 else None
 
 
-def _stored(mask, bits):
-    """Tissue values ``[G, N]`` of float16 predictions kept for the pooled Spearman as float16 (half
-    the memory, exact), from their patterns (:func:`_float16_bits`); the rest are kept as float32."""
-    return K.gather(bits, mask, np.uint16)[0].view(np.float16)
+def _stored(pair, mask, bits):
+    """The tissue predictions ``[G, N]`` a :class:`.correlation.Pair` keeps for the pooled Spearman:
+    float16 ones as float16 (half the memory, exact), gathered from their patterns ``bits``
+    (:func:`_float16_bits`; None for any other dtype), the rest as the pair's float32 ``stored``."""
+    return pair.stored if bits is None else K.gather(bits, mask, np.uint16)[0].view(np.float16)
 
 
 class SpearmanAccumulator:
@@ -197,8 +198,7 @@ class SpearmanAccumulator:
         """Keep the tissue values of one batch."""
         bits = _float16_bits(pred)
         pair = _batch_pair(pred, target, mask, stored=bits is None)
-        m = kernel_array(mask).astype(bool)
-        self.add(pair.stored if bits is None else _stored(m, bits), pair.target.values.astype(np.float32))
+        self.add(_stored(pair, kernel_array(mask).astype(bool), bits), pair.target.values.astype(np.float32))
 
     def add(self, x, y):
         """Keep tissue values ``x, y [G, n]`` of one batch (``y`` only by the first of a group)."""
@@ -224,7 +224,7 @@ def _pooled_spearman(ys, xss, n_genes):
     if n < 2:
         return rhos
     # one gene at a time bounds the memory of the ranks; buffers reused from gene to gene
-    values, ry, rx, work = np.empty(n, np.float32), np.empty(n), np.empty(n), K.work(n)
+    values, ry, rx, work = np.empty(n, np.float32), np.empty(n), np.empty(n), K.scratch(n)
     for g in range(n_genes):
         ss_y = K.centred_ranks_1d(np.concatenate([c[g] for c in ys], out=values), ry, work)
         if ss_y == 0:  # constant counts
@@ -430,9 +430,9 @@ class GeneMetrics:
         spearman = bool(self._scc)
         for k in sorted(set(self.scales) | {1}):  # the native bins score the counts too
             side = _target_side(shared, target, mask, k, spearman and k in self._scc)
-            keep = k in self._scc and (k > 1 or bits is None)  # float16 values are kept from their bits
+            half = bits if k == 1 else None  # pooled values are float64 sums
             pair = score(*_pooled(levels, k), side, ranks=k in self._scc, raw=self._sums is not None,
-                         counts=k == 1, stored=keep)  # fmt: skip
+                         counts=k == 1, stored=k in self._scc and half is None)  # fmt: skip
             if k == 1:
                 self._counts.add_pair(pair)
             if k not in self._pcc:
@@ -441,8 +441,7 @@ class GeneMetrics:
             pooled.add_pair(pair)
             pertile.add(tile_pearson(pair))
             if k in self._scc:
-                x = pair.stored if keep else _stored(mask, bits)
-                self._scc[k][1].add(x, _target_stored(shared, k, side))
+                self._scc[k][1].add(_stored(pair, mask, half), _target_stored(shared, k, side))
                 self._scc[k][2].add(tile_spearman(pair))
             if self._sums is not None:
                 self._sums[k].append(tile_sums(pair))
