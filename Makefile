@@ -11,11 +11,15 @@ $(BIN)/sparsitytrap: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch and torchvision are pinned as a pair in pyproject.toml (see README, Installation)
 	$(BIN)/pip install -e '.[dev]'
-	# the metric kernels compiled into numba's cache once (about 15 s), not by the first jobs
+	touch $@
+
+# the metric kernels compiled (about 30 s: numba's cache, then ahead of time) after each edit of
+# kernels.py, not by the first jobs
+$(VENV)/.metric-kernels: $(BIN)/sparsitytrap src/sparsitytrap/metrics/kernels.py
 	$(BIN)/python -m sparsitytrap.metrics
 	touch $@
 
-install: $(BIN)/sparsitytrap
+install: $(BIN)/sparsitytrap $(VENV)/.metric-kernels
 
 # sparsitytrap.resume: snakemake, after clearing the stale lock of a killed run (README, When something fails)
 demo: install

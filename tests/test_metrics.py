@@ -1,5 +1,9 @@
 """Metrics against scipy / scikit-image references on small random and count-like batches."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.stats as ss
@@ -9,6 +13,7 @@ from skimage.metrics import structural_similarity
 
 from sparsitytrap import metrics as M
 from sparsitytrap.errors import InputError
+from sparsitytrap.metrics import compiled
 
 
 def batch(seed, t=3, g=4, h=16, w=16, tissue=0.7, shape=0.5):
@@ -354,3 +359,83 @@ def test_kernels_compile_for_the_workflow_dtypes():
     from sparsitytrap.metrics.__main__ import compile_kernels
 
     assert compile_kernels() > 0
+
+
+_EXERCISE = """
+import sys
+import numpy as np
+from sparsitytrap.metrics.__main__ import exercise
+out = exercise()
+np.savez(sys.argv[1], numba=np.array("numba" in sys.modules), **out)
+"""
+
+
+def _exercise(tmp_path, kernels):
+    env = {**os.environ, compiled.ENV: kernels}
+    subprocess.run([sys.executable, "-c", _EXERCISE, str(tmp_path / f"{kernels}.npz")], env=env, check=True)
+    return dict(np.load(tmp_path / f"{kernels}.npz"))
+
+
+def test_ahead_of_time_kernels_give_the_jit_numbers_without_numba(tmp_path):
+    """What install builds serves every kind of batch the workflow scores, and numba is never imported."""
+    assert compiled._aot_module() is not None, "no ahead-of-time kernels for this kernels.py: make install"
+    aot, jit = _exercise(tmp_path, "aot"), _exercise(tmp_path, "jit")
+    assert not aot.pop("numba") and jit.pop("numba")
+    assert aot.keys() == jit.keys()
+    for name in aot:
+        np.testing.assert_array_equal(aot[name], jit[name], err_msg=name)
+
+
+def test_a_call_of_other_types_goes_to_the_jit_kernel():
+    x = np.arange(2 * 3 * 4 * 4, dtype=np.int16).reshape(2, 3, 4, 4)  # int16: no export
+    mask = np.ones((2, 4, 4), bool)
+    key = tuple(compiled._key(a) for a in (x, mask))
+    assert compiled.halve._resolved.get(key) is None
+    got, pooled_mask = compiled.halve(x, mask)
+    assert compiled.halve._resolved[key] is compiled.halve.jit()
+    np.testing.assert_array_equal(got, x.reshape(2, 3, 2, 2, 2, 2).sum(axis=(3, 5)))
+    assert pooled_mask.all()
+
+
+def test_argument_keys_are_as_fine_as_numba_types():
+    """Two arguments of one key always have one numba type (a wrong export would crash the process)."""
+    import numba
+
+    base = np.zeros((4, 6))
+    readonly = base.copy()
+    readonly.flags.writeable = False
+    unaligned = np.frombuffer(np.zeros(8 * 24 + 1, np.uint8)[1:].tobytes(), np.float64).reshape(4, 6)
+    values = [base, base.T, base[:, ::2], readonly, unaligned, base.astype(np.float32), base[0], base[None],
+              np.zeros(3, bool), 3, 2**63, True, 1.5, np.float32(1.5), np.int64(3),
+              (base, base[0]), (base, base.T)]  # fmt: skip
+    keys = {}
+    for v in values:
+        keys.setdefault(compiled._key(v), set()).add(numba.typeof(v))
+    assert all(len(types) == 1 for types in keys.values()), keys
+    assert len(keys) == len(values) - 1  # 3 and np.int64(3) differ in class only; all others differ in type
+
+
+def test_ahead_of_time_kernels_are_not_used_after_kernels_py_changes(tmp_path, monkeypatch):
+    edited = tmp_path / "kernels.py"
+    edited.write_text(compiled._SOURCE.read_text() + "\n# an edit\n")
+    tag = compiled.build_tag()
+    monkeypatch.setattr(compiled, "_SOURCE", edited)
+    compiled.reset()
+    try:
+        assert compiled.build_tag() != tag
+        assert compiled._aot_module() is None
+    finally:
+        monkeypatch.undo()
+        compiled.reset()
+
+
+def test_a_failed_check_leaves_no_module(tmp_path, monkeypatch):
+    from sparsitytrap.metrics import __main__ as build
+
+    with compiled.recording() as calls:
+        reference = build.exercise()
+    monkeypatch.setattr(build, "check", lambda ref: 1.0)  # the built module's numbers are off
+    monkeypatch.setattr(compiled, "__file__", str(tmp_path / "compiled.py"))
+    with pytest.raises(RuntimeError, match="numbers differ from the JIT kernels"):
+        build.build_ahead_of_time({k: calls[k] for k in sorted(calls, key=repr)[:2]}, reference)
+    assert list(tmp_path.iterdir()) == []

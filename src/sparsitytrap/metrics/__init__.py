@@ -27,7 +27,8 @@ Definitions (those of the seed benchmark, with the faults of its code fixed):
 Controls: :func:`shuffle_pairs` (label-shuffle null) and :func:`split_half_thinning`
 (noise ceiling on real counts, corrected by :func:`correct_split_half`).
 
-Modules: :mod:`.kernels` (the compiled passes: pooling, tissue values, moments, ranks),
+Modules: :mod:`.kernels` (the compiled passes: pooling, tissue values, moments, ranks, SSIM;
+called through :mod:`.compiled`, which loads them compiled ahead of time where built),
 :mod:`.correlation` (Pearson, Spearman, ranks), :mod:`.ssim`, :mod:`.stream` (the accumulators
 and :class:`GeneMetrics`), :mod:`.controls`; :data:`METRICS` is the registry.
 """
@@ -38,10 +39,9 @@ from dataclasses import dataclass
 #: below (needed when a run is planned, and by stats and figures) costs no torch import.
 _HOME = {
     "controls": ["correct_split_half", "noise_ceiling", "shuffle_pairs", "spearman_brown", "split_half_thinning"],
-    "correlation": ["average_ranks", "pearson_per_tile", "spearman_per_tile"],
+    "correlation": ["DEVIANCE_EPS", "average_ranks", "pearson_per_tile", "spearman_per_tile"],
     "sums": ["pearson_from_sums"],
     "ssim": ["SSIM_K1", "SSIM_K2", "SSIM_MIN_RANGE", "SSIM_MIN_TISSUE", "SSIM_WIN", "ssim_images", "ssim_per_tile"],
-    "kernels": ["DEVIANCE_EPS"],
     "stream": [
         "CountAccumulator",
         "GeneMetrics",

@@ -4,9 +4,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels as K
+from . import compiled as K
 from ._tensors import kernel_array, like
 from .sums import pearson_from_sums  # noqa: F401 - part of this module's API
+
+#: Rates are clamped at this in the Poisson deviance.
+DEVIANCE_EPS = 1e-8
 
 
 def average_ranks(x, valid=None):
@@ -78,7 +81,7 @@ class Pair:
         return (self.target.counts < 2)[:, None] | ~(lo < hi) | ~(lo_y < hi_y)
 
 
-def score(x, mask, target, ranks=False, raw=False, counts=False, stored=False, eps=K.DEVIANCE_EPS):
+def score(x, mask, target, ranks=False, raw=False, counts=False, stored=False, eps=DEVIANCE_EPS):
     """The :class:`Pair` of predictions ``x [T, G, h, w]`` at ``mask`` against the counts' ``target`` side."""
     out = K.pair(x, mask, target.values, target.moments[..., 0], target.ranks, target.offsets, ranks, raw, counts,
                  stored, eps)  # fmt: skip

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from . import kernels as K
+from . import compiled as K
 from ._tensors import is_tensor, kernel_array
 from .correlation import (
     _batch_pair,
@@ -170,7 +170,7 @@ def _stored(pair, mask, bits):
     """The tissue predictions ``[G, N]`` a :class:`.correlation.Pair` keeps for the pooled Spearman:
     float16 ones as float16 (half the memory, exact), gathered from their patterns ``bits``
     (:func:`_float16_bits`; None for any other dtype), the rest as the pair's float32 ``stored``."""
-    return pair.stored if bits is None else K.gather(bits, mask, np.uint16)[0].view(np.float16)
+    return pair.stored if bits is None else K.gather_bits(bits, mask)[0].view(np.float16)
 
 
 class SpearmanAccumulator:
