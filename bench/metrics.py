@@ -197,10 +197,11 @@ def metrics_vs_references(counts, pred, mask, batch_tiles):
 # ---------------------------------------------------------------------------------------------
 # 2. one evaluate job, this checkout against an old worktree
 
+# as workflow/scripts/evaluate.py runs it: torch is imported only by code that needs it (the old),
+# which OMP_NUM_THREADS=1 keeps to one thread (measured: with torch loaded, this checkout's job
+# takes about 15 % longer, in the kernels that allocate their outputs)
 _JOB = """
 import json, sys, time
-import torch
-torch.set_num_threads(1)
 c0, t0 = time.process_time(), time.perf_counter()
 from sparsitytrap.evaluate import evaluate
 c1, t1 = time.process_time(), time.perf_counter()

@@ -159,11 +159,11 @@ def _low_bit(diff):
 
 
 @numba.njit(**_JIT)
-def _rank_into(v, out, work):
-    """Average ranks (1-based, ties share their mean rank) of the 1-D values ``v`` into ``out``.
+def _rank_into(v, out, work, centre):
+    """Average ranks (1-based, ties share their mean rank) of the 1-D values ``v``, less ``centre``, into ``out``.
 
-    ``work``: :func:`scratch` for at least ``len(v)`` values. Exact: ranks are
-    half-integers. A value's rank is the number of smaller values plus ``(ties + 1) / 2``.
+    ``work``: :func:`scratch` for at least ``len(v)`` values. Exact: ranks are half-integers
+    (``centre`` too, in use). A value's rank is the number of smaller values plus ``(ties + 1) / 2``.
 
     The order keys of the nonzero values, less the smallest and shifted past the low bits none of
     them sets, number a few thousand buckets for counts or one gene's float16 rates: they are
@@ -178,31 +178,30 @@ def _rank_into(v, out, work):
         f[i] = np.float64(v[i]) + 0.0  # -0 becomes +0: they tie
     bits = f[:n].view(np.uint64)
     zero = np.uint64(1) << np.uint64(63)  # the order key of +0
-    k0 = kmin = kmax = diff = np.uint64(0)
-    n_zero = 0
-    for i in range(n):
+    top = ~np.uint64(0)
+    kmin, kmax, n_zero = top, np.uint64(0), 0
+    for i in range(n):  # no branches, so in vector lanes (a value equal to a start value changes nothing)
         k = _order_key(bits[i])
         key[i] = k
-        if k == zero:
-            n_zero += 1
-        elif n_zero == i and kmax == 0:  # the first nonzero value
-            k0 = kmin = kmax = k
-        else:
-            diff |= k ^ k0
-            kmin, kmax = min(kmin, k), max(kmax, k)
+        nonzero = k != zero
+        n_zero += 0 if nonzero else 1
+        kmin, kmax = min(kmin, k if nonzero else top), max(kmax, k if nonzero else np.uint64(0))
+    diff = np.uint64(0)  # the bits in which nonzero keys differ
+    for i in range(n):
+        diff |= (key[i] ^ kmin) if key[i] != zero else np.uint64(0)
     if n_zero == n or (n_zero == 0 and diff == 0):
-        out[:n] = (n + 1) / 2
+        out[:n] = (n + 1) / 2 - centre
         return
     lo = _low_bit(diff) if diff else 0
     span = (kmax - kmin) >> np.uint64(lo)  # nonzero buckets 0 .. span
     if (n_zero == 0 or not kmin < zero < kmax) and span < len(avg) and span < 2 * n + (1 << DIGIT_BITS):
-        _counted_ranks(key, n, kmin, lo, int(span), zero, n_zero, zero < kmin, out, hist, avg)
+        _counted_ranks(key, n, kmin, lo, int(span), zero, n_zero, zero < kmin, out, hist, avg, centre)
         return
-    _radix_ranks(key, n, out, work)
+    _radix_ranks(key, n, out, work, centre)
 
 
 @numba.njit(inline="always")
-def _counted_ranks(key, n, kmin, lo, span, zero, n_zero, zeros_low, out, hist, avg):
+def _counted_ranks(key, n, kmin, lo, span, zero, n_zero, zeros_low, out, hist, avg, centre):
     """Ranks by one histogram of the nonzero values' rebased keys; zeros (counted already) below or above them."""
     shift = np.uint64(lo)
     h = hist[: span + 1]
@@ -213,16 +212,16 @@ def _counted_ranks(key, n, kmin, lo, span, zero, n_zero, zeros_low, out, hist, a
     below = n_zero if zeros_low else 0
     for d in range(span + 1):
         ties = h[d]
-        avg[d] = below + (ties + 1) / 2
+        avg[d] = below + (ties + 1) / 2 - centre
         below += ties
-    zero_rank = (n_zero + 1) / 2 if zeros_low else n - (n_zero - 1) / 2
+    zero_rank = ((n_zero + 1) / 2 if zeros_low else n - (n_zero - 1) / 2) - centre
     for i in range(n):
         k = key[i]
         out[i] = zero_rank if k == zero else avg[(k - kmin) >> shift]
 
 
 @numba.njit(inline="always")
-def _radix_ranks(key, n, out, work):
+def _radix_ranks(key, n, out, work, centre):
     """Ranks by an LSD radix sort of (key, index) over the key bits that vary, then tie groups."""
     _, _, key2, idx, idx2, hist, _ = work
     diff = np.uint64(0)
@@ -260,7 +259,7 @@ def _radix_ranks(key, n, out, work):
         j = i + 1
         while j < n and key[j] == key[i]:
             j += 1
-        r = (i + j + 1) / 2
+        r = (i + j + 1) / 2 - centre
         for m2 in range(i, j):
             out[idx[m2]] = r
         i = j
@@ -290,7 +289,7 @@ def rank_rows(x, valid):
             if valid[row, i]:
                 v[k] = x[row, i]
                 k += 1
-        _rank_into(v[:k], r, work)
+        _rank_into(v[:k], r, work, 0.0)
         k = 0
         for i in range(n):
             if valid[row, i]:
@@ -303,20 +302,18 @@ def rank_rows(x, valid):
 def rank_1d(x):
     """Average ranks of the 1-D values ``x`` (float32 or float64), float64."""
     out = np.empty(len(x))
-    _rank_into(x, out, scratch(len(x)))
+    _rank_into(x, out, scratch(len(x)), 0.0)
     return out
 
 
 @numba.njit(**_JIT)
 def centred_ranks_1d(x, out, work):
     """Centred average ranks ``rank - (n + 1) / 2`` of the 1-D values ``x`` into ``out``; returns their
-    sum of squares (exact: quarter-integers; 0 when ``x`` is constant). ``work``: :func:`scratch`."""
+    sum of squares (0 when ``x`` is constant; exact below about 300 000 values). ``work``: :func:`scratch`."""
     n = len(x)
-    _rank_into(x, out, work)
-    centre = (n + 1) / 2
+    _rank_into(x, out, work, (n + 1) / 2)
     ss = 0.0
     for i in range(n):
-        out[i] -= centre
         ss += out[i] * out[i]
     return ss
 
@@ -331,15 +328,11 @@ def tile_ranks(values, offsets):
     for t in range(n_t):
         longest = max(longest, offsets[t + 1] - offsets[t])
     work = scratch(longest)
-    r = np.empty(longest)
     for g in range(n_g):
         row, ranks = values[g], out[g]
         for t in range(n_t):
             a, b = offsets[t], offsets[t + 1]
-            _rank_into(row[a:b], r, work)
-            centre = (b - a + 1) / 2
-            for i in range(b - a):
-                ranks[a + i] = r[i] - centre
+            _rank_into(row[a:b], ranks[a:b], work, (b - a + 1) / 2)
     return out
 
 
@@ -433,9 +426,7 @@ def pair(x, mask, ty, ty_mean, ty_ranks, offsets, ranked, raw, counts, stored, e
             y = ty[g, o : o + n]
             r = rk[: n if ranked else 0]
             if ranked:
-                _rank_into(v, r, work)
-                for m in range(n):
-                    r[m] -= centre
+                _rank_into(v, r, work, centre)
             _centred_sums(v, s / n, y, ty_mean[t, g], r, ty_ranks[g, o : o + len(r)], sums[t, g])
             if raw:
                 _raw_sums(v, y, rs[t, g])
