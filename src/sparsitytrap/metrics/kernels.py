@@ -456,41 +456,42 @@ def _ssim_mean(a, b, lo, scale, win, c1, c2, v, c, row):
     """Mean SSIM map of one pair ``(a - lo) * scale, (b - lo) * scale`` (``a, b [H, W]`` float64),
     skimage's uniform window, cropped borders.
 
-    Scratch: ``v [5, H - win + 1, W]``, ``c [5, W + 1]`` (``c[:, 0]`` is 0), ``row [W]``. The five
-    moments' window sums go down the rows by a sliding window and along them by differences of a
-    running sum; each row of the SSIM map is made in vector lanes, then summed. Within 1e-15 of skimage.
+    Scratch: ``v [5, W]``, ``c [5, W + 1]`` (``c[:, 0]`` is 0), ``row [W]``. Row by row of the map,
+    in L1: the five moments' column sums over the window slide down one row (``v``), their window
+    sums along it are differences of a running sum (``c``), and the row of SSIM values is made in
+    vector lanes, then summed. Within 1e-15 of skimage.
     """
     h, w = a.shape
     n, m = h - win + 1, w - win + 1
-    v[:, 0, :] = 0.0
+    v[:, :] = 0.0
     for d in range(win):
         for j in range(w):
             x, y = (a[d, j] - lo) * scale, (b[d, j] - lo) * scale
-            v[0, 0, j] += x
-            v[1, 0, j] += y
-            v[2, 0, j] += x * x
-            v[3, 0, j] += y * y
-            v[4, 0, j] += x * y
-    for i in range(1, n):
-        for j in range(w):
-            x, y = (a[i + win - 1, j] - lo) * scale, (b[i + win - 1, j] - lo) * scale
-            p, q = (a[i - 1, j] - lo) * scale, (b[i - 1, j] - lo) * scale
-            v[0, i, j] = v[0, i - 1, j] + (x - p)
-            v[1, i, j] = v[1, i - 1, j] + (y - q)
-            v[2, i, j] = v[2, i - 1, j] + (x * x - p * p)
-            v[3, i, j] = v[3, i - 1, j] + (y * y - q * q)
-            v[4, i, j] = v[4, i - 1, j] + (x * y - p * q)
+            v[0, j] += x
+            v[1, j] += y
+            v[2, j] += x * x
+            v[3, j] += y * y
+            v[4, j] += x * y
     area = win * win
     inv, cov_norm = 1.0 / area, area / (area - 1)
     total = 0.0
     for i in range(n):
+        if i > 0:
+            for j in range(w):
+                x, y = (a[i + win - 1, j] - lo) * scale, (b[i + win - 1, j] - lo) * scale
+                p, q = (a[i - 1, j] - lo) * scale, (b[i - 1, j] - lo) * scale
+                v[0, j] = v[0, j] + (x - p)
+                v[1, j] = v[1, j] + (y - q)
+                v[2, j] = v[2, j] + (x * x - p * p)
+                v[3, j] = v[3, j] + (y * y - q * q)
+                v[4, j] = v[4, j] + (x * y - p * q)
         r0 = r1 = r2 = r3 = r4 = 0.0  # five running sums side by side: independent chains
         for j in range(w):
-            r0 += v[0, i, j]
-            r1 += v[1, i, j]
-            r2 += v[2, i, j]
-            r3 += v[3, i, j]
-            r4 += v[4, i, j]
+            r0 += v[0, j]
+            r1 += v[1, j]
+            r2 += v[2, j]
+            r3 += v[3, j]
+            r4 += v[4, j]
             c[0, j + 1], c[1, j + 1], c[2, j + 1], c[3, j + 1], c[4, j + 1] = r0, r1, r2, r3, r4
         for j in range(m):
             e = j + win
@@ -505,18 +506,22 @@ def _ssim_mean(a, b, lo, scale, win, c1, c2, v, c, row):
 
 
 @numba.njit(**_JIT)
-def _ssim_scratch(h, w, win):
-    return np.empty((5, h - win + 1, w)), np.zeros((5, w + 1)), np.empty(w)
+def _ssim_scratch(w):
+    return np.empty((5, w)), np.zeros((5, w + 1)), np.empty(w)
 
 
 @numba.njit(**_JIT)
 def ssim_images(a, b, win, c1, c2):
     n_img, h, w = a.shape
-    v, c, row = _ssim_scratch(h, w, win)
+    v, c, row = _ssim_scratch(w)
     out = np.empty(n_img)
     for k in range(n_img):
         out[k] = _ssim_mean(a[k], b[k], 0.0, 1.0, win, c1, c2, v, c, row)
     return out
+
+
+#: Lanes of the running min and max of a pair (independent chains: min and max are exact in any order).
+_LANES = 8
 
 
 @numba.njit(**_JIT)
@@ -524,17 +529,23 @@ def ssim_tiles(pred, target, mask, tiles, win, c1, c2, min_range, out):
     """SSIM of every gene of ``tiles`` into ``out [T, G]``: ``pred, target [T, G, H, W]``, ``mask [T, H, W]``."""
     _, g, h, w = pred.shape
     a, b = np.empty((h, w)), np.empty((h, w))
-    v, c, row = _ssim_scratch(h, w, win)
+    v, c, row = _ssim_scratch(w)
+    lo, hi = np.empty(_LANES), np.empty(_LANES)
     for t in tiles:
+        m = mask[t]
         for k in range(g):
-            lo, hi = np.inf, -np.inf
+            p, q = pred[t, k], target[t, k]
+            lo[:], hi[:] = np.inf, -np.inf
             for i in range(h):
+                ar, br, pr, qr, mr = a[i], b[i], p[i], q[i], m[i]
                 for j in range(w):
-                    on = mask[t, i, j]  # off tissue 0, whatever is there (a NaN times 0 would be NaN)
-                    x = np.float64(pred[t, k, i, j]) if on else 0.0
-                    y = np.float64(target[t, k, i, j]) if on else 0.0
-                    a[i, j], b[i, j] = x, y
-                    lo, hi = min(lo, x, y), max(hi, x, y)
-            span = hi - lo
+                    on = mr[j]  # off tissue 0, whatever is there (a NaN times 0 would be NaN)
+                    x = np.float64(pr[j]) if on else 0.0
+                    y = np.float64(qr[j]) if on else 0.0
+                    ar[j], br[j] = x, y
+                    lane = j % _LANES
+                    lo[lane], hi[lane] = min(lo[lane], x, y), max(hi[lane], x, y)
+            low = lo.min()
+            span = hi.max() - low
             if span >= min_range:  # min-max scaled with the pair's shared range, on the fly
-                out[t, k] = _ssim_mean(a, b, lo, 1.0 / span, win, c1, c2, v, c, row)
+                out[t, k] = _ssim_mean(a, b, low, 1.0 / span, win, c1, c2, v, c, row)
