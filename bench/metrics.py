@@ -314,6 +314,8 @@ def main(argv=None):
         print(f"{line} {per_tile * REAL_TILES / 60:15.1f}")
     if "old" in best:
         print(f"speed-up of evaluate: {best['old']['evaluate_s'] / best['new']['evaluate_s']:.1f}x")
+        whole = {k: d["import_s"] + d["evaluate_s"] for k, d in best.items()}
+        print(f"speed-up of import + evaluate (the job less Python's start): {whole['old'] / whole['new']:.1f}x")
         diffs, extra = diffs
         for name, d in diffs.items():
             if name.endswith("(relative)"):
