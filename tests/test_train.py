@@ -20,7 +20,7 @@ from sparsitytrap import config as stconfig
 from sparsitytrap.errors import InputError
 from sparsitytrap.features import cache_features
 from sparsitytrap.predict import load_model, predict, write_predictions_sdata
-from sparsitytrap.training import LOG_COLUMNS, fit, lr_factor, split_samples
+from sparsitytrap.training import LOG_COLUMNS, checkpoint, fit, lr_factor, split_samples
 from sparsitytrap.training.loop import last_quarter_share
 
 TILES = {"P1": 4, "P2": 4, "P3": 3}
@@ -262,6 +262,32 @@ def test_checkpoint_of_another_config_is_not_resumed(cohort, tmp_path):
     run_train(make_config(cohort, epochs=1), "E", "test-P3", out, max_epochs_this_run=1)
     result = run_train(make_config(cohort, epochs=2, lr=5e-4), "E", "test-P3", out)
     assert result["epochs_run"] == 2 and read_log(out).lr_first[0] == pytest.approx(5e-4 / 2)
+
+
+def test_checkpoint_of_other_code_is_not_resumed(cohort, tmp_path, monkeypatch):
+    # a forced rerun after an edit of the package trains afresh; the same code resumes, even a finished job
+    out = tmp_path / "run"
+    config = make_config(cohort, epochs=2)
+    run_train(config, "E", "test-P3", out, max_epochs_this_run=1)
+    monkeypatch.setattr(checkpoint, "code_digest", lambda: "edited")
+    run_train(config, "E", "test-P3", out, max_epochs_this_run=1)
+    assert len(read_log(out)) == 1  # started afresh: one epoch, not the second
+    (out / "log.csv").write_text("stale")
+    run_train(config, "E", "test-P3", out)
+    assert list(read_log(out).epoch) == [1, 2]  # resumed after epoch 1: the log rows come from the checkpoint
+
+
+def test_code_digest_reads_every_module(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    digest = checkpoint.code_digest.__wrapped__
+    before = digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("not code")
+    assert digest(tmp_path) == before
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert digest(tmp_path) != before
+    assert len(checkpoint.code_digest()) == 16  # the package's own
 
 
 def test_test_sample_is_never_read(cohort, tmp_path):

@@ -4,8 +4,10 @@ Rewritten atomically after every epoch, read with ``weights_only=True`` (tensors
 strings, lists and dicts only):
 
 ``signature``
-    The model's settings, the fold and the training data's description (not the paths): a
-    checkpoint with another signature is not resumed.
+    The model's settings, the fold, the training data's description (not the paths) and a digest
+    of the package's source: a checkpoint with another signature is not resumed, so a job rerun
+    after an edit of the code (``--forcerun``: Snakemake sees the scripts, not the package)
+    trains afresh instead of rewriting the old run's outputs.
 ``state``
     Epochs done, early-stopping state (best validation loss, its epoch and metrics, epochs
     without improvement, stopped early) and the log rows.
@@ -20,10 +22,13 @@ strings, lists and dicts only):
     own generators (STRank's pair partners).
 """
 
+import functools
+import hashlib
 import json
 import logging
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,11 +53,25 @@ def initial_state():
     }
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def code_digest(root=PACKAGE):
+    """Digest of every module under `root`, the package by default (a few ms): which code wrote a checkpoint."""
+    h = hashlib.blake2s(digest_size=8)
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def signature(model_cfg, fold, info):
-    """What must match for a checkpoint to be resumed: settings and data (not the paths)."""
+    """What must match for a checkpoint to be resumed: settings, data (not the paths) and code."""
     training = {k: v for k, v in model_cfg.get("training", {}).items() if k not in SERVING_KEYS}
     model = {**model_cfg, "training": training}
-    return json.dumps({"model": model, "fold": fold, "info": info}, sort_keys=True, default=str)
+    content = {"model": model, "fold": fold, "info": info, "code": code_digest()}
+    return json.dumps(content, sort_keys=True, default=str)
 
 
 def save(out_dir, trainer, sig):
@@ -83,7 +102,7 @@ def restore(out_dir, trainer, sig):
         log.warning("ignoring unreadable %s (%s)", path, err)
         return False
     if ck.get("signature") != sig:
-        log.warning("ignoring %s: written by a different configuration or data", path)
+        log.warning("ignoring %s: written by a different configuration, data or code", path)
         return False
     trainer.model.load_state_dict(ck["model"])
     trainer.best_model = ck["best_model"]
