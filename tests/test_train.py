@@ -265,7 +265,7 @@ def test_checkpoint_of_another_config_is_not_resumed(cohort, tmp_path):
 
 
 def test_checkpoint_of_other_code_is_not_resumed(cohort, tmp_path, monkeypatch):
-    # a forced rerun after an edit of the package trains afresh; the same code resumes, even a finished job
+    # a forced rerun after an edit of the package trains afresh; the same code resumes
     out = tmp_path / "run"
     config = make_config(cohort, epochs=2)
     run_train(config, "E", "test-P3", out, max_epochs_this_run=1)

@@ -39,6 +39,7 @@ from ..io import atomic_path
 log = logging.getLogger(__name__)
 
 NAME = "checkpoint.pt"
+PACKAGE = Path(__file__).resolve().parents[1]  # the source tree whose digest signs a checkpoint
 
 
 def initial_state():
@@ -51,9 +52,6 @@ def initial_state():
         "stop": None,
         "log": [],
     }
-
-
-PACKAGE = Path(__file__).resolve().parents[1]
 
 
 @functools.cache
